@@ -1,0 +1,27 @@
+"""Packaging for the `byol-fast` distribution (packages `byol_fast` and `pipelines`)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="byol-fast",
+    version="0.1.0",
+    description="The fastest practical BYOL pretraining trainer for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["byol_fast", "byol_fast.*", "pipelines", "pipelines.*"]),
+    package_data={"byol_fast": ["presets/*.toml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy",
+        "pillow",
+        "tomli; python_version < '3.11'",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "ffcv": ["ffcv==1.0.2"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["byol-fast=byol_fast.cli:main"]},
+)
