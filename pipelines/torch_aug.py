@@ -1,0 +1,414 @@
+"""Torch-native batched two-view BYOL augmentation: any device, no host syncs, CUDA-graph capturable.
+
+Every random parameter is drawn per sample on the images' device with
+`torch.rand(..., generator=generator)`, and every per-sample decision is applied
+with masks and `torch.where` (compute-then-select), so there is no `.item()`, no
+Python branch on a tensor value, no `nonzero` and no data-dependent shape: the
+whole stage can run inside a captured `torch.cuda.CUDAGraph`.
+
+Randomness under CUDA graphs: with `generator=None` the default CUDA generator
+is used, and PyTorch's graph-safe Philox RNG advances its offset on every
+replay, so each replay draws fresh values. A private `torch.Generator("cuda")`
+works the same only if it is registered with the graph before capture
+(`graph.register_generator_state(generator)`); otherwise replays repeat the
+numbers drawn at capture time. On CPU (and on CUDA outside graphs) a seeded
+generator makes results deterministic.
+
+Cost of compute-then-select (per view): the blur runs on every sample and is
+kept only where blurred (view 2 blurs 10%); the colour jitter runs its three
+blend ops (brightness, contrast, saturation) in six fixed slots (three before the
+hue shift, three after; a slot not used by a sample blends with ratio 1, an exact
+identity) and the hue shift once on every sample. That is about 2x the
+arithmetic of a per-sample loop, but all of it is a few dozen fixed-shape
+elementwise kernels with no launch per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipelines.spec import AugmentationSpec, ViewSpec
+
+# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses them.
+_LUMA = (0.2989, 0.587, 0.114)
+# Columns of the one rand() draw behind a view's colour parameters (one kernel, not fourteen).
+_FLIP, _JITTER, _FACTORS, _KEYS, _GRAY, _BLUR, _SIGMA, _SOLAR, _NUM_DRAWS = 0, 1, 2, 6, 10, 11, 12, 13, 14
+# How many (area, aspect) draws a crop gets before the central-crop fallback, as in torchvision.
+CROP_TRIES = 10
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The per-sample random parameters of one view (all tensors of leading size N, on the images' device).
+
+    Tests read these to check rates and to replay the same view through
+    torchvision; training computes them with the same function.
+    """
+
+    flipped: Tensor
+    """[N] bool: horizontal flip."""
+    jittered: Tensor
+    """[N] bool: colour jitter applied."""
+    jitter_factors: Tensor
+    """[N, 4] float: brightness, contrast, saturation factors and hue shift (used only where jittered)."""
+    jitter_order: Tensor
+    """[N, 4] int64: jitter op ids in application order (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+    grayscaled: Tensor
+    """[N] bool: converted to grayscale."""
+    blurred: Tensor
+    """[N] bool: Gaussian blur applied."""
+    sigmas: Tensor
+    """[N] float: blur standard deviation in output pixels (used only where blurred)."""
+    solarized: Tensor
+    """[N] bool: solarized."""
+    boxes: Tensor | None = None
+    """[N, 4] float (top, left, height, width) crop boxes, when the crop was done here."""
+
+
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the images are on {device}: "
+                         f"create it with torch.Generator(device='{device.type}')")
+
+
+def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(shape, device=device, generator=generator, dtype=torch.float32)
+
+
+def sample_crop_boxes(heights: Tensor, widths: Tensor, view: ViewSpec,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Random resized crop boxes, one per image: [N, 4] float (top, left, height, width), integer-valued.
+
+    torchvision's RandomResizedCrop.get_params vectorized: each sample draws
+    CROP_TRIES (area fraction, log aspect) pairs, keeps the first whose rounded
+    box fits (masked argmax), draws its offset uniformly over the valid
+    integer positions, and falls back to torchvision's central crop when no try
+    fits. `heights`/`widths` ([N], any numeric dtype) are each image's size.
+    """
+    device = heights.device
+    _check_generator(generator, device)
+    img_h = heights.to(torch.float32)
+    img_w = widths.to(torch.float32)
+    n = img_h.shape[0]
+    draws = _rand((n, 2 * CROP_TRIES + 2), device, generator)
+    lo, hi = view.crop_scale
+    log_lo, log_hi = math.log(view.crop_ratio[0]), math.log(view.crop_ratio[1])
+    target_area = (img_h * img_w)[:, None] * (lo + (hi - lo) * draws[:, :CROP_TRIES])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[:, CROP_TRIES:2 * CROP_TRIES])
+    # torch.round rounds half to even, like Python's round() in torchvision.
+    try_w = torch.round(torch.sqrt(target_area * aspect))
+    try_h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (try_w > 0) & (try_w <= img_w[:, None]) & (try_h > 0) & (try_h <= img_h[:, None])
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximal index
+    found = fits.any(dim=1)
+    # torchvision's fallback: the largest central crop whose aspect lies in crop_ratio.
+    in_ratio = img_w / img_h
+    too_tall, too_wide = in_ratio < view.crop_ratio[0], in_ratio > view.crop_ratio[1]
+    fall_w = torch.where(too_wide, torch.round(img_h * view.crop_ratio[1]), img_w)
+    fall_h = torch.where(too_tall, torch.round(img_w / view.crop_ratio[0]), img_h)
+    box_h = torch.where(found, try_h.gather(1, first).squeeze(1), fall_h)
+    box_w = torch.where(found, try_w.gather(1, first).squeeze(1), fall_w)
+    # Uniform integer offsets in [0, size - box]; min() guards float rounding of u * count up to count.
+    top = torch.minimum(torch.floor(draws[:, -2] * (img_h - box_h + 1)), img_h - box_h)
+    left = torch.minimum(torch.floor(draws[:, -1] * (img_w - box_w + 1)), img_w - box_w)
+    top = torch.where(found, top, torch.floor((img_h - box_h) / 2))
+    left = torch.where(found, left, torch.floor((img_w - box_w) / 2))
+    return torch.stack((top, left, box_h, box_w), dim=1)
+
+
+def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str,
+                 flip: Tensor | None = None) -> Tensor:
+    """Crop each image to its box, resize to size x size and optionally mirror it: one grid_sample.
+
+    images: [N, C, H, W] float; boxes: [N, 4] (top, left, height, width);
+    flip: [N] bool or None. Geometry matches torchvision's resized_crop with
+    antialias=False (interpolate, align_corners=False): output pixel o samples
+    box coordinate (o + 0.5) * box / size - 0.5. Bilinear clamps that coordinate
+    to the box as interpolate does, so it equals torchvision up to float
+    rounding. Bicubic taps that fall outside the box read the image's real
+    neighbours where torchvision replicates the box edge, so output pixels
+    within ~2 source pixels of an inner box edge differ slightly (bounded in
+    tests/test_torch_aug.py); at the image border both replicate. If `images`
+    is a padded batch, pad by edge replication, not zeros, for bicubic.
+
+    There is no antialias: when a box is much larger than `size`, this aliases
+    where torchvision's default antialias=True low-pass filters first (the
+    official BYOL uses TF's resize, also without antialias). Values are not
+    clamped (bicubic can overshoot [0, 1] slightly).
+    """
+    if interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"interpolation={interpolation!r}: use 'bilinear' or 'bicubic'")
+    if not images.is_floating_point() or images.dim() != 4:
+        raise TypeError(f"resized_crop needs float [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}: "
+                        f"convert uint8 with images.float() / 255")
+    n, _, height, width = images.shape
+    top, left, box_h, box_w = boxes.to(torch.float32).unbind(dim=1)
+    steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
+    src_x = left[:, None] + steps[None, :] * box_w[:, None] - 0.5
+    src_y = top[:, None] + steps[None, :] * box_h[:, None] - 0.5
+    if interpolation == "bilinear":
+        src_x = torch.maximum(torch.minimum(src_x, (left + box_w - 1)[:, None]), left[:, None])
+        src_y = torch.maximum(torch.minimum(src_y, (top + box_h - 1)[:, None]), top[:, None])
+    if flip is not None:
+        src_x = torch.where(flip[:, None], src_x.flip(1), src_x)
+    # Pixel index -> grid_sample's normalized coordinate for align_corners=False.
+    grid_x = (2 * src_x + 1) / width - 1
+    grid_y = (2 * src_y + 1) / height - 1
+    grid = torch.stack((grid_x[:, None, :].expand(n, size, size), grid_y[:, :, None].expand(n, size, size)), dim=-1)
+    return F.grid_sample(images, grid.to(images.dtype), mode=interpolation, padding_mode="border",
+                         align_corners=False)
+
+
+def sample_view_params(n: int, view: ViewSpec, device: torch.device | str,
+                       generator: torch.Generator | None = None) -> ViewParams:
+    """Draw one view's per-sample flip, jitter, grayscale, blur and solarize parameters (boxes=None)."""
+    device = torch.device(device)
+    _check_generator(generator, device)
+    u = _rand((n, _NUM_DRAWS), device, generator)
+    spans = [(max(0.0, 1 - view.brightness), 1 + view.brightness), (max(0.0, 1 - view.contrast), 1 + view.contrast),
+             (max(0.0, 1 - view.saturation), 1 + view.saturation), (-view.hue, view.hue)]
+    factors = torch.stack([lo + (hi - lo) * u[:, _FACTORS + k] for k, (lo, hi) in enumerate(spans)], dim=1)
+    sig_lo, sig_hi = view.blur_sigma
+    return ViewParams(
+        flipped=u[:, _FLIP] < view.flip_prob,
+        jittered=u[:, _JITTER] < view.color_jitter_prob,
+        jitter_factors=factors,
+        # argsort of i.i.d. uniform keys is a uniform random permutation per sample (torch.randperm per row).
+        jitter_order=u[:, _KEYS:_KEYS + 4].argsort(dim=1),
+        grayscaled=u[:, _GRAY] < view.grayscale_prob,
+        blurred=u[:, _BLUR] < view.blur_prob,
+        sigmas=sig_lo + (sig_hi - sig_lo) * u[:, _SIGMA],
+        solarized=u[:, _SOLAR] < view.solarize_prob,
+    )
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    """[N] -> [N, 1, 1, 1] so a per-sample value broadcasts over an image batch."""
+    return values.view(-1, 1, 1, 1)
+
+
+def _gray(images: Tensor) -> Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W] luma, with torchvision's weights and operation order."""
+    r, g, b = images.unbind(dim=1)
+    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+
+
+def _horizontal_flip(images: Tensor, flipped: Tensor) -> Tensor:
+    """Mirror the samples where `flipped`, as one gather over columns."""
+    n, c, h, w = images.shape
+    cols = torch.arange(w, device=images.device)
+    cols = torch.where(flipped[:, None], w - 1 - cols, cols)
+    return images.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+def _blend_slot(images: Tensor, ratio: Tensor, op: Tensor) -> Tensor:
+    """One jitter slot: per sample, brightness (op 0), contrast (op 1) or saturation (op 2) by `ratio`.
+
+    All three are torchvision's `_blend(image, other, ratio)` = clamp(ratio * image
+    + (1 - ratio) * other) with other = 0, the mean gray level, or the grayscale
+    image; ratio 1 is an exact identity, which is how unused slots pass through.
+    """
+    gray = _gray(images)
+    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    op = _per_sample(op)
+    other = torch.where(op == 2, gray, torch.where(op == 1, mean, torch.zeros_like(mean)))
+    ratio = _per_sample(ratio)
+    return images.mul(ratio).add_(other * (1 - ratio)).clamp_(0, 1)
+
+
+def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
+    """torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, HSV -> RGB) with a per-sample shift.
+
+    The HSV -> RGB step uses the closed form channel = V - C * clamp(min(k, 4 - k), 0, 1),
+    k = (n + 6 h) mod 6 (n = 5, 3, 1 for R, G, B; C = V * S = max - min), which is
+    torchvision's piecewise table written without a gather.
+    """
+    r, g, b = images.unbind(dim=1)
+    maxc, minc = images.aminmax(dim=1)
+    chroma = maxc - minc
+    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)  # gray pixels: hue is irrelevant (C = 0)
+    # Hue in sixths of a turn; ties resolve R before G before B, as in torchvision.
+    hue6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue6 = hue6 + 6 * shift.view(-1, 1, 1)
+    offsets = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(offsets + hue6.unsqueeze(1), 6)
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
+
+
+def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
+    """The four jitter ops in each sample's own order, where jittered.
+
+    Hue is the one op that is not a blend, so it runs once: the blend ops ordered
+    before it (by `jitter_order`) go in three slots before, the rest in three
+    slots after; a sample's unused slots have ratio 1.
+    """
+    rank = params.jitter_order.argsort(dim=1)  # rank[:, op] = position of op in the order
+    hue_position = rank[:, 3]
+    blend_order = rank[:, :3].argsort(dim=1)  # brightness/contrast/saturation ids, in application order
+    ones = torch.ones_like(params.jitter_factors[:, 0])
+    x = images
+    for before_hue in (True, False):
+        for slot in range(3):
+            op = blend_order[:, slot]
+            in_phase = (slot < hue_position) if before_hue else (slot >= hue_position)
+            ratio = torch.where(params.jittered & in_phase, params.jitter_factors.gather(1, op[:, None]).squeeze(1), ones)
+            x = _blend_slot(x, ratio, op)
+        if before_hue:
+            x = torch.where(_per_sample(params.jittered), _shift_hue(x, params.jitter_factors[:, 3]), x)
+    return x
+
+
+def _gaussian_blur(images: Tensor, sigmas: Tensor, kernel_size: int) -> Tensor:
+    """Separable Gaussian blur, one sigma per sample, reflect padding: torchvision's gaussian_blur per sample.
+
+    Kernel taps as torchvision: softmax(-(x / sigma)^2) over x = linspace(-lim, lim),
+    lim = (k - 1) / (2 sqrt 2), i.e. exp(-d^2 / (2 sigma^2)) normalized. The batch
+    is folded into channels so one grouped conv per axis blurs every sample.
+    """
+    n, c, h, w = images.shape
+    pad = kernel_size // 2
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    taps = torch.linspace(-lim, lim, kernel_size, device=images.device, dtype=images.dtype)
+    kernels = torch.softmax(taps[None, :].div(sigmas[:, None].to(images.dtype)).pow(2).neg(), dim=1)
+    kernels = kernels.repeat_interleave(c, dim=0)  # [N * C, k]
+    x = F.pad(images, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
+    x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
+    x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return x.view(n, c, h, w)
+
+
+def apply_view_params(images: Tensor, params: ViewParams, kernel_size: int, solarize_threshold: float,
+                      flip: bool = True) -> Tensor:
+    """Apply drawn parameters to [N, 3, S, S] float images in [0, 1]: the colour half of a view.
+
+    Order (torchvision's BYOL pipeline): flip (skipped with flip=False when the
+    crop already mirrored), colour jitter, grayscale, blur, solarize. Jitter
+    clamps to [0, 1] after each op as torchvision does; the others keep [0, 1].
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise TypeError(f"expected float [N, 3, H, W] images in [0, 1], got {images.dtype} {tuple(images.shape)}")
+    if kernel_size % 2 == 0 or kernel_size // 2 >= min(images.shape[-2:]):
+        raise ValueError(f"kernel_size={kernel_size} must be odd and its half smaller than the image side "
+                         f"{min(images.shape[-2:])}: use spec.blur_kernel_size")
+    x = _horizontal_flip(images, params.flipped) if flip else images
+    x = _color_jitter(x, params)
+    x = torch.where(_per_sample(params.grayscaled), _gray(x).expand_as(x), x)
+    x = torch.where(_per_sample(params.blurred), _gaussian_blur(x, params.sigmas, kernel_size), x)
+    return torch.where(_per_sample(params.solarized) & (x >= solarize_threshold), 1 - x, x)
+
+
+def apply_view(images: Tensor, view: ViewSpec, kernel_size: int, generator: torch.Generator | None = None,
+               *, flip: bool = True, return_params: bool = False) -> Tensor | tuple[Tensor, ViewParams]:
+    """Draw a view's random parameters per sample and apply them to [N, 3, S, S] float images in [0, 1].
+
+    Returns the augmented images, or (images, ViewParams) with return_params=True.
+    """
+    params = sample_view_params(images.shape[0], view, images.device, generator)
+    out = apply_view_params(images, params, kernel_size, view.solarize_threshold, flip=flip)
+    return (out, params) if return_params else out
+
+
+def normalize(images: Tensor, mean: Tensor | tuple[float, ...], std: Tensor | tuple[float, ...],
+              dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """(images - mean) / std per channel, written channels_last in `dtype` (into `out` when given).
+
+    One fused kernel (scale * x + bias) that also casts and lays out the result.
+    Pass mean/std as device tensors inside CUDA graphs (tuples build new
+    tensors from host values, a host-to-device copy).
+    """
+    shape = (1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    if out is None:
+        out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=torch.channels_last)
+    elif out.shape != images.shape or out.dtype != dtype:
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; it must be {dtype} {tuple(images.shape)}")
+    return torch.addcmul(-mean_t / std_t, images.float(), 1 / std_t, out=out)
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [0, 1] (torchvision's to_dtype scale); float passes through as float32."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).mul_(1.0 / 255)
+    if images.is_floating_point():
+        return images.to(torch.float32)
+    raise TypeError(f"images are {images.dtype}: pass uint8 in [0, 255] or float in [0, 1]")
+
+
+class TorchTwoViewAugment:
+    """BYOL's two views from a batch of images, on the batch's device, per the AugmentationSpec.
+
+    Outputs follow the DESIGN data contract: (B, 3, S, S), channels_last,
+    ImageNet-normalized, in `dtype`, on `device`. Capture-safe (see the module
+    docstring for the generator rule).
+    """
+
+    def __init__(self, spec: AugmentationSpec, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.kernel_size = spec.blur_kernel_size
+        # Built once here: a torch.tensor() from host values inside a captured graph would be a host copy.
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
+
+    def _check(self, images: Tensor, side: int | None) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a [N, 3, H, W] batch, got shape {tuple(images.shape)}")
+        if images.device.type != self.device.type:
+            raise ValueError(f"batch is on {images.device} but this augment runs on {self.device}: move it first")
+        if side is not None and images.shape[-2:] != (side, side):
+            raise ValueError(f"colour() needs crops of {side}x{side} (spec.image_size), got {tuple(images.shape[-2:])}")
+
+    def _finish(self, x: Tensor, view_index: int, generator: torch.Generator | None, flip: bool,
+                boxes: Tensor | None, out: Tensor | None) -> tuple[Tensor, ViewParams]:
+        view = self.spec.views[view_index]
+        params = sample_view_params(x.shape[0], view, x.device, generator)
+        if boxes is not None:
+            params = dataclasses.replace(params, boxes=boxes)
+            # Crop and flip in one resample; bicubic overshoot is clamped as torchvision's uint8 path does.
+            x = resized_crop(x, boxes, self.spec.image_size, self.spec.interpolation, params.flipped).clamp_(0, 1)
+        x = apply_view_params(x, params, self.kernel_size, view.solarize_threshold, flip=flip)
+        return normalize(x, self._mean, self._std, self.dtype, out=out), params
+
+    def __call__(self, batch: Tensor, generator: torch.Generator | None = None, *,
+                 out: tuple[Tensor, Tensor] | None = None, return_params: bool = False):
+        """Two views of a [N, 3, H, W] uint8 or float ([0, 1]) batch: (view1, view2).
+
+        With out=(buf1, buf2) the views are written into those buffers. With
+        return_params=True returns ((view1, view2), (params1, params2)).
+        """
+        self._check(batch, None)
+        x = to_unit_float(batch)
+        n, _, height, width = x.shape
+        heights = torch.full((n,), float(height), device=x.device)
+        widths = torch.full((n,), float(width), device=x.device)
+        views, params = [], []
+        for index, view in enumerate(self.spec.views):
+            boxes = sample_crop_boxes(heights, widths, view, generator)
+            made, drawn = self._finish(x, index, generator, False, boxes, None if out is None else out[index])
+            views.append(made)
+            params.append(drawn)
+        return ((views[0], views[1]), (params[0], params[1])) if return_params else (views[0], views[1])
+
+    def colour(self, crops: Tensor, view_index: int, generator: torch.Generator | None = None, *,
+               flip: bool = True, out: Tensor | None = None, return_params: bool = False):
+        """The colour half of view `view_index` (0 or 1) for crops already resized to S x S (e.g. by FFCV).
+
+        crops: [N, 3, S, S] uint8 or float in [0, 1]. flip=True also applies the
+        view's random flip here; pass flip=False if the source already flipped.
+        Returns the normalized view (and its ViewParams with return_params=True).
+        """
+        if view_index not in (0, 1):
+            raise ValueError(f"view_index={view_index}: use 0 or 1")
+        self._check(crops, self.spec.image_size)
+        made, drawn = self._finish(to_unit_float(crops), view_index, generator, flip, None, out)
+        return (made, drawn) if return_params else made
