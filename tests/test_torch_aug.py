@@ -1,0 +1,375 @@
+"""pipelines.torch_aug against torchvision.transforms.v2.functional, op by op and view by view,
+plus sampling statistics, the data contract, determinism, no host syncs, and (on CUDA) graph capture."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T1
+import torchvision.transforms.v2.functional as TF
+
+from pipelines.spec import AugmentationSpec, ViewSpec
+from pipelines.torch_aug import (
+    TorchTwoViewAugment,
+    ViewParams,
+    apply_view,
+    apply_view_params,
+    normalize,
+    resized_crop,
+    sample_crop_boxes,
+    sample_view_params,
+)
+
+MODES = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
+# Every branch taken about half the time, so 64 samples exercise both sides of each.
+HALF_VIEW = ViewSpec(flip_prob=0.5, color_jitter_prob=0.5, grayscale_prob=0.5, blur_prob=0.5, solarize_prob=0.5)
+
+
+def _gen(seed: int, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _smooth_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Natural-image-like content: low-frequency colour fields in [0, 1]."""
+    low = torch.rand(n, 3, max(h // 8, 2), max(w // 8, 2), generator=_gen(seed))
+    return F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def _reference_colour(image: torch.Tensor, p: ViewParams, i: int, kernel_size: int, threshold: float) -> torch.Tensor:
+    """Sample i of a view made by torchvision's functional ops, one by one, with the drawn parameters."""
+    x = image
+    if p.flipped[i]:
+        x = TF.horizontal_flip(x)
+    if p.jittered[i]:
+        b, c, s, h = p.jitter_factors[i].tolist()
+        ops = [lambda y: TF.adjust_brightness(y, b), lambda y: TF.adjust_contrast(y, c),
+               lambda y: TF.adjust_saturation(y, s), lambda y: TF.adjust_hue(y, h)]
+        for op in p.jitter_order[i].tolist():
+            x = ops[op](x)
+    if p.grayscaled[i]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p.blurred[i]:
+        sigma = float(p.sigmas[i])
+        x = TF.gaussian_blur(x, [kernel_size, kernel_size], [sigma, sigma])
+    if p.solarized[i]:
+        x = TF.solarize(x, threshold)
+    return x
+
+
+# ---------------------------------------------------------------- single ops against torchvision
+
+
+def test_jitter_ops_match_torchvision():
+    """Each jitter op alone (order irrelevant when the other three are identity factors) equals torchvision's."""
+    n = 16
+    images = torch.rand(n, 3, 20, 20, generator=_gen(1))
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    for op, fn, lo, hi in [(0, TF.adjust_brightness, 0.6, 1.4), (1, TF.adjust_contrast, 0.6, 1.4),
+                           (2, TF.adjust_saturation, 0.8, 1.2), (3, TF.adjust_hue, -0.5, 0.5)]:
+        factors = identity.repeat(n, 1)
+        factors[:, op] = lo + (hi - lo) * torch.rand(n, generator=_gen(op))
+        no = torch.zeros(n, dtype=torch.bool)
+        p = ViewParams(flipped=no, jittered=~no, jitter_factors=factors,
+                       jitter_order=torch.rand(n, 4, generator=_gen(9)).argsort(1), grayscaled=no, blurred=no,
+                       sigmas=torch.ones(n), solarized=no)
+        got = apply_view_params(images, p, 3, 0.5)
+        want = torch.stack([fn(images[i], float(factors[i, op])) for i in range(n)])
+        tol = 2e-6 if op == 3 else 1e-6  # hue: HSV closed form vs torchvision's table, float32 rounding
+        torch.testing.assert_close(got, want, atol=tol, rtol=0, msg=f"jitter op {op}")
+
+
+def test_grayscale_blur_solarize_flip_match_torchvision():
+    n, k = 12, 7
+    images = torch.rand(n, 3, 16, 20, generator=_gen(2))
+    yes, no = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    sigmas = 0.1 + 1.9 * torch.rand(n, generator=_gen(3))
+    base = dict(flipped=no, jittered=no, jitter_factors=torch.ones(n, 4), jitter_order=torch.arange(4).repeat(n, 1),
+                grayscaled=no, blurred=no, sigmas=sigmas, solarized=no)
+    cases = {"flipped": lambda x, i: TF.horizontal_flip(x),
+             "grayscaled": lambda x, i: TF.rgb_to_grayscale(x, num_output_channels=3),
+             "blurred": lambda x, i: TF.gaussian_blur(x, [k, k], [float(sigmas[i])] * 2),
+             "solarized": lambda x, i: TF.solarize(x, 0.5)}
+    for name, fn in cases.items():
+        got = apply_view_params(images, ViewParams(**{**base, name: yes}), k, 0.5)
+        want = torch.stack([fn(images[i], i) for i in range(n)])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+    # With every flag off the colour stage is an exact identity.
+    assert torch.equal(apply_view_params(images, ViewParams(**base), k, 0.5), images)
+
+
+def test_normalize_matches_torchvision_and_writes_out():
+    images = torch.rand(4, 3, 8, 8, generator=_gen(4))
+    spec = AugmentationSpec()
+    got = normalize(images, spec.mean, spec.std, torch.float32)
+    torch.testing.assert_close(got, TF.normalize(images, list(spec.mean), list(spec.std)), atol=1e-6, rtol=0)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(4, 3, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    returned = normalize(images, spec.mean, spec.std, torch.bfloat16, out=buf)
+    assert returned.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf.float(), got, atol=2e-2, rtol=1e-2)  # bf16 has 8 mantissa bits
+
+
+# ---------------------------------------------------------------- resized crop
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_resized_crop_matches_torchvision_without_antialias(mode):
+    size = 24
+    images = torch.rand(6, 3, 48, 40, generator=_gen(5))
+    boxes = torch.tensor([[0, 0, 48, 40], [3, 5, 20, 17], [10, 12, 30, 28], [0, 20, 48, 20],
+                          [40, 30, 8, 10], [2, 1, 45, 37]], dtype=torch.float32)
+    flip = torch.tensor([False, True, False, True, False, True])
+    got = resized_crop(images, boxes, size, mode, flip)
+    for i, (top, left, h, w) in enumerate(boxes.int().tolist()):
+        want = TF.resized_crop(images[i], top, left, h, w, [size, size], interpolation=MODES[mode], antialias=False)
+        want = TF.horizontal_flip(want) if flip[i] else want
+        if mode == "bilinear":
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+            continue
+        # Bicubic: exact where all four taps of both axes stay inside the box (torchvision replicates the
+        # box edge, grid_sample reads the real neighbours), and where the box edge is the image edge.
+        src = lambda start, extent, full: (start + (torch.arange(size) + 0.5) * extent / size - 0.5).floor()
+        def inside(start, extent, full):
+            f = src(start, extent, full)
+            return ((f - 1 >= start) | (start == 0)) & ((f + 2 <= start + extent - 1) | (start + extent == full))
+        rows, cols = inside(top, h, 48), inside(left, w, 40)
+        cols = cols.flip(0) if flip[i] else cols
+        mask = rows[:, None] & cols[None, :]
+        assert mask.sum() > 0
+        torch.testing.assert_close(got[i][:, mask], want[:, mask], atol=1e-5, rtol=0)
+
+
+def test_resized_crop_bicubic_border_and_antialias_bounds():
+    """Measured bounds: bicubic border-tap difference (natural-like content) and no-antialias vs antialias."""
+    images = _smooth_images(1, 96, 96, seed=6)
+    # Upsampling crop (20 px -> 32): only border taps differ from torchvision's antialias=False bicubic.
+    got = resized_crop(images, torch.tensor([[10.0, 12.0, 20.0, 20.0]]), 32, "bicubic")[0]
+    want = TF.resized_crop(images[0], 10, 12, 20, 20, [32, 32], interpolation=MODES["bicubic"], antialias=False)
+    diff = (got - want).abs()
+    assert diff.max() < 0.03 and diff.mean() < 2e-3, (diff.max(), diff.mean())
+    # 3x downsampling: torchvision's default antialias=True low-passes first; on smooth content the
+    # difference stays small (measured max 0.05, mean 0.006), on white noise it reaches ~0.6 (aliasing).
+    for mode in MODES:
+        got = resized_crop(images, torch.tensor([[0.0, 0.0, 96.0, 96.0]]), 32, mode)[0]
+        want = TF.resized_crop(images[0], 0, 0, 96, 96, [32, 32], interpolation=MODES[mode], antialias=True)
+        diff = (got - want).abs()
+        assert 1e-3 < diff.mean() < 0.012 and diff.max() < 0.12, (mode, diff.max(), diff.mean())
+
+
+# ---------------------------------------------------------------- sampling statistics
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+def test_crop_boxes_match_torchvision_distribution():
+    n, height, width = 4000, 40, 60
+    view = ViewSpec()
+    ours = sample_crop_boxes(torch.full((n,), height), torch.full((n,), width), view, _gen(7)).double().numpy()
+    image = torch.zeros(3, height, width)
+    theirs = np.array([T1.RandomResizedCrop.get_params(image, list(view.crop_scale), list(view.crop_ratio))
+                       for _ in range(n)], dtype=np.float64)
+    assert np.all(ours == np.round(ours)) and np.all(ours[:, 2:] >= 1)
+    assert np.all(ours[:, 0] + ours[:, 2] <= height) and np.all(ours[:, 1] + ours[:, 3] <= width)
+    assert np.all(ours[:, :2] >= 0)
+    # KS critical value at alpha = 1e-4 for two samples of 4000: 2.22 * sqrt(2 / 4000) = 0.050.
+    stats = {
+        "area": lambda b: b[:, 2] * b[:, 3] / (height * width),
+        "log_aspect": lambda b: np.log(b[:, 3] / b[:, 2]),
+        "center_y": lambda b: (b[:, 0] + b[:, 2] / 2) / height,
+        "center_x": lambda b: (b[:, 1] + b[:, 3] / 2) / width,
+    }
+    for name, stat in stats.items():
+        assert _ks(stat(ours), stat(theirs)) < 0.05, name
+
+
+def test_crop_boxes_fallback_is_torchvision_central_crop():
+    # No (area, aspect) draw fits a 10 x 200 strip, so every sample takes the fallback.
+    view = ViewSpec()
+    boxes = sample_crop_boxes(torch.tensor([10, 200]), torch.tensor([200, 10]), view, _gen(8))
+    for (h, w), box in zip([(10, 200), (200, 10)], boxes.tolist()):
+        want = T1.RandomResizedCrop.get_params(torch.zeros(1, h, w), list(view.crop_scale), list(view.crop_ratio))
+        assert box == list(map(float, want))
+
+
+def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def test_rates_factors_and_orders_follow_the_spec():
+    n = 4000
+    spec = AugmentationSpec()
+    for index, view in enumerate(spec.views):
+        p = sample_view_params(n, view, "cpu", _gen(10 + index))
+        for name, prob in [("flipped", view.flip_prob), ("jittered", view.color_jitter_prob),
+                           ("grayscaled", view.grayscale_prob), ("blurred", view.blur_prob),
+                           ("solarized", view.solarize_prob)]:
+            count = int(getattr(p, name).sum())
+            assert _within(count, n, prob), (index, name, count)
+        bounds = [(1 - view.brightness, 1 + view.brightness), (1 - view.contrast, 1 + view.contrast),
+                  (1 - view.saturation, 1 + view.saturation), (-view.hue, view.hue)]
+        for k, (lo, hi) in enumerate(bounds):
+            f = p.jitter_factors[:, k]
+            assert lo <= f.min() and f.max() <= hi
+            # Uniform mean: standard error (hi - lo) / sqrt(12 n); allow 5 of them.
+            assert abs(f.mean() - (lo + hi) / 2) < 5 * (hi - lo) / math.sqrt(12 * n)
+        assert abs(p.sigmas.mean() - sum(view.blur_sigma) / 2) < 5 * (view.blur_sigma[1] - view.blur_sigma[0]) / math.sqrt(12 * n)
+        orders, counts = torch.unique(p.jitter_order, dim=0, return_counts=True)
+        assert len(orders) == 24 and torch.equal(orders.sort(1).values, torch.arange(4).repeat(24, 1))
+        assert all(_within(int(c), n, 1 / 24) for c in counts)
+
+
+# ---------------------------------------------------------------- whole views
+
+
+def test_apply_view_matches_torchvision_chain_per_sample():
+    n, k = 64, 5
+    images = torch.rand(n, 3, 16, 16, generator=_gen(11))
+    out, p = apply_view(images, HALF_VIEW, k, _gen(12), return_params=True)
+    for flag in (p.flipped, p.jittered, p.grayscaled, p.blurred, p.solarized):
+        assert 0 < int(flag.sum()) < n  # both branches of every op are exercised
+    want = torch.stack([_reference_colour(images[i], p, i, k, HALF_VIEW.solarize_threshold) for i in range(n)])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_two_views_match_torchvision_crop_colour_normalize():
+    spec = AugmentationSpec(image_size=16, interpolation="bilinear", view1=HALF_VIEW, view2=HALF_VIEW)
+    aug = TorchTwoViewAugment(spec, dtype=torch.float32)
+    batch = torch.randint(0, 256, (32, 3, 30, 24), dtype=torch.uint8, generator=_gen(13))
+    views, params = aug(batch, _gen(14), return_params=True)
+    unit = TF.to_dtype(batch, torch.float32, scale=True)
+    for view_out, p in zip(views, params):
+        for i in range(len(batch)):
+            top, left, h, w = p.boxes[i].int().tolist()
+            crop = TF.resized_crop(unit[i], top, left, h, w, [16, 16], interpolation=MODES["bilinear"], antialias=False)
+            want = _reference_colour(crop.clamp(0, 1), p, i, spec.blur_kernel_size, 0.5)
+            want = TF.normalize(want, list(spec.mean), list(spec.std))
+            torch.testing.assert_close(view_out[i], want, atol=1e-4, rtol=0)
+
+
+def test_contract_determinism_and_no_host_sync(forbid_host_sync):
+    spec = AugmentationSpec(image_size=32)
+    aug = TorchTwoViewAugment(spec, dtype=torch.bfloat16)
+    batch = torch.randint(0, 256, (8, 3, 40, 48), dtype=torch.uint8, generator=_gen(15))
+    with forbid_host_sync():
+        view1, view2 = aug(batch, _gen(16))
+        again = aug(batch, _gen(16))
+        other = aug(batch, _gen(17))
+        coloured = aug.colour(batch[:, :, :32, :32], 1, _gen(18))
+    lowest = min((0 - m) / s for m, s in zip(spec.mean, spec.std))
+    highest = max((1 - m) / s for m, s in zip(spec.mean, spec.std))
+    for v in (view1, view2, coloured):
+        assert v.shape == (8, 3, 32, 32) and v.dtype == torch.bfloat16
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert lowest - 0.02 <= v.float().min() and v.float().max() <= highest + 0.02
+    assert torch.equal(view1, again[0]) and torch.equal(view2, again[1])
+    assert not torch.equal(view1, other[0])
+    assert not torch.equal(view1, view2)  # the two views draw independent parameters
+
+
+def test_colour_writes_caller_buffers_and_rejects_bad_input():
+    spec = AugmentationSpec(image_size=16)
+    aug = TorchTwoViewAugment(spec, dtype=torch.float32)
+    crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=_gen(19))
+    buf = torch.empty(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    made = aug.colour(crops, 0, _gen(20), out=buf)
+    assert made.data_ptr() == buf.data_ptr() and torch.equal(made, aug.colour(crops, 0, _gen(20)))
+    with pytest.raises(ValueError, match="16x16"):
+        aug.colour(crops[:, :, :8, :8], 0)
+    with pytest.raises(ValueError, match="view_index"):
+        aug.colour(crops, 2)
+    with pytest.raises(TypeError, match="uint8"):
+        aug(crops.to(torch.int32))
+    with pytest.raises(ValueError, match="kernel_size"):
+        apply_view(torch.rand(2, 3, 4, 4), ViewSpec(), 9)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+def test_cuda_colour_matches_cpu_for_same_params():
+    n, k = 64, 5
+    images = torch.rand(n, 3, 24, 24, generator=_gen(21))
+    p = sample_view_params(n, HALF_VIEW, "cpu", _gen(22))
+    cpu = apply_view_params(images, p, k, 0.5)
+    p_cuda = ViewParams(**{f: getattr(p, f).cuda() for f in ("flipped", "jittered", "jitter_factors",
+                                                              "jitter_order", "grayscaled", "blurred", "sigmas",
+                                                              "solarized")})
+    torch.testing.assert_close(apply_view_params(images.cuda(), p_cuda, k, 0.5).cpu(), cpu, atol=1e-4, rtol=0)
+    boxes = sample_crop_boxes(torch.full((n,), 24), torch.full((n,), 24), ViewSpec(), _gen(23))
+    for mode in MODES:
+        torch.testing.assert_close(resized_crop(images.cuda(), boxes.cuda(), 16, mode, p_cuda.flipped).cpu(),
+                                   resized_crop(images, boxes, 16, mode, p.flipped), atol=1e-4, rtol=0)
+
+
+def _capture(fn, private: torch.Generator | None):
+    """Warm fn up on a side stream, then capture it in a CUDA graph (the documented recipe)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    if private is not None:
+        graph.register_generator_state(private)
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("use_private_generator", [False, True])
+def test_cuda_graph_capture_gives_fresh_draws_each_replay(use_private_generator):
+    n, size = 4096, 32
+    spec = AugmentationSpec(image_size=size)
+    aug = TorchTwoViewAugment(spec, device="cuda", dtype=torch.bfloat16)
+    batch = torch.randint(0, 256, (n, 3, 40, 40), dtype=torch.uint8, device="cuda")
+    private = torch.Generator(device="cuda").manual_seed(0) if use_private_generator else None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph, (views, params) = _capture(lambda: aug(batch, private, return_params=True), private)
+        seen = []
+        for _ in range(3):
+            graph.replay()
+            seen.append((views[0].clone(), views[1].clone()))
+            for view, p in zip(spec.views, params):
+                for name, prob in [("flipped", view.flip_prob), ("jittered", view.color_jitter_prob),
+                                   ("grayscaled", view.grayscale_prob), ("blurred", view.blur_prob),
+                                   ("solarized", view.solarize_prob)]:
+                    flags = getattr(p, name)
+                    torch.cuda.set_sync_debug_mode(0)  # reading the counts back is the test's own sync
+                    assert _within(int(flags.sum()), n, prob), (name, int(flags.sum()))
+                    torch.cuda.set_sync_debug_mode("error")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[1][1], seen[2][1])
+    assert views[0].is_contiguous(memory_format=torch.channels_last) and views[0].dtype == torch.bfloat16
+
+
+@pytest.mark.cuda
+def test_cuda_colour_stage_captured_under_sync_error_mode():
+    spec = AugmentationSpec(image_size=64)
+    aug = TorchTwoViewAugment(spec, device="cuda", dtype=torch.bfloat16)
+    crops = torch.randint(0, 256, (256, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    static_out = torch.empty(256, 3, 64, 64, dtype=torch.bfloat16, device="cuda").contiguous(
+        memory_format=torch.channels_last)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph, _ = _capture(lambda: aug.colour(crops, 1, out=static_out), None)
+        graph.replay()
+        first = static_out.clone()
+        graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.equal(first, static_out)
+    assert torch.isfinite(static_out.float()).all()
