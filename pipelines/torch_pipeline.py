@@ -1,0 +1,229 @@
+"""BYOL two-view batches with torch alone: torchvision.io decode (nvjpeg on CUDA), exact crops, batched colour.
+
+Per batch: worker threads read the file bytes (and, on CPU, decode them) one
+batch ahead; on CUDA the JPEGs are decoded together by nvjpeg
+(`torchvision.io.decode_jpeg(..., device="cuda")`). Each image is cropped twice
+on its device with boxes from `torch_aug.sample_crop_boxes` (drawn on the host,
+so slicing needs no sync) and each crop is resized to S x S with
+`F.interpolate` (torchvision's resized_crop geometry exactly, antialias
+optional). The batched colour stage (`TorchTwoViewAugment.colour`: flip, jitter,
+grayscale, blur, solarize, normalize) then writes each view, optionally straight
+into the caller's static buffers.
+
+Files whose bytes are not a 1- or 3-channel JPEG (PNG inside .JPEG, CMYK
+JPEGs) are decoded on the CPU by torchvision, then by PIL (`decode.decode_rgb`)
+if torchvision cannot; a file neither can decode raises CorruptImageError
+naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
+from pipelines.decode import decode_rgb, sniff_format
+from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
+from pipelines.spec import AugmentationSpec
+from pipelines.torch_aug import TorchTwoViewAugment, sample_crop_boxes
+
+# torchvision 0.29 deprecates torchvision.io decoding in favour of torchcodec (not a dependency here); the
+# decoders still work, and the warning would otherwise repeat for every file.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+# JPEG start-of-frame markers (SOF0..SOF15 minus DHT C4, JPG C8, DAC CC): their header holds the component count.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """Colour components in a JPEG's frame header (1 gray, 3 YCbCr, 4 CMYK/YCCK), or None if not found."""
+    pos = 2
+    while pos + 9 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            return data[pos + 9]
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def read_bytes(path: str) -> Tensor:
+    """A file's bytes as a uint8 CPU tensor; DataError naming the path when it cannot be read or is empty."""
+    try:
+        data = read_file(path)
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"cannot read image {path} ({err}): re-scan the data folder or fix its permissions") from err
+    if data.numel() == 0:
+        raise DataError(f"image {path} is empty: delete or replace it; `byol-fast check-data` lists such files")
+    return data
+
+
+def decode_cpu(data: Tensor, path: str) -> Tensor:
+    """Decode bytes to a [3, H, W] uint8 RGB CPU tensor: torchvision first, PIL for what it cannot read."""
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8:  # 16-bit PNGs come back uint16: let PIL scale them to 8 bits
+            return image
+    except RuntimeError:
+        pass  # torchvision reads JPEG/PNG/WebP/GIF; PIL covers the rest (BMP, TIFF) and names bad files
+    rgb = decode_rgb(data.numpy().tobytes(), path)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+
+
+def _gpu_decodable(data: Tensor) -> bool:
+    head = data[:64 * 1024].numpy().tobytes()
+    return sniff_format(head[:16]) == "jpeg" and jpeg_components(head) in (1, 3)
+
+
+def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device,
+                     pool: ThreadPoolExecutor | None = None) -> list[Tensor]:
+    """Decode a batch of file bytes to [3, H, W] uint8 RGB tensors on `device`.
+
+    On CUDA the 1/3-channel JPEGs go to nvjpeg in one batched call (image by
+    image if the batch call fails, so one odd file cannot sink the batch); the
+    rest, and everything on CPU, go through `decode_cpu` (in `pool` if given).
+    """
+    out: list[Tensor | None] = [None] * len(datas)
+    on_gpu = [device.type == "cuda" and _gpu_decodable(d) for d in datas]
+    gpu_ids = [i for i, flag in enumerate(on_gpu) if flag]
+    if gpu_ids:
+        try:
+            decoded = decode_jpeg([datas[i] for i in gpu_ids], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = []
+            for i in gpu_ids:
+                try:
+                    decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(decode_cpu(datas[i], paths[i]).to(device))
+        for i, image in zip(gpu_ids, decoded):
+            out[i] = image
+    cpu_ids = [i for i, flag in enumerate(on_gpu) if not flag]
+    mapper = pool.map if pool is not None else map
+    for i, image in zip(cpu_ids, mapper(decode_cpu, [datas[i] for i in cpu_ids], [paths[i] for i in cpu_ids])):
+        out[i] = image.to(device)
+    return out  # type: ignore[return-value]
+
+
+def _seed_for(seed: int, epoch: int, rank: int) -> int:
+    """A well-mixed 63-bit seed per (seed, epoch, rank), so ranks and epochs draw independent crops."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class TorchImagePipeline:
+    """Two augmented views per image of an ImageList, per rank and epoch, on `device`.
+
+    Yields (view1, view2, labels): views (B, 3, S, S) channels_last,
+    normalized, in `dtype` on `device` (the DESIGN data contract), labels
+    int64 (B,) on `device`. The rank's share of each epoch comes from
+    `sources.shard_indices` (same permutation on every rank, reshuffled per
+    epoch, last partial batch dropped when drop_last). Results are a function
+    of (seed, epoch, rank) on a given device.
+    """
+
+    def __init__(self, images: ImageList, spec: AugmentationSpec, batch_size: int, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 antialias: bool = False, num_threads: int = 4) -> None:
+        if batch_size < 1 or num_threads < 1:
+            raise ValueError(f"batch_size={batch_size} and num_threads={num_threads} must be >= 1")
+        self.images, self.spec, self.batch_size = images, spec, batch_size
+        self.device = torch.device(device)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last, self.antialias = shuffle, drop_last, antialias
+        self.epoch = 0
+        # Fail now, not at the first batch, when there are too few images for a full batch per rank.
+        self._indices(0)
+        self.augment = TorchTwoViewAugment(spec, self.device, dtype)
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="byol-read")
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        count = samples_per_rank(len(self.images), self.world_size, self.batch_size, self.drop_last)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch `iter(self)` reads (its shuffle and its random augmentations)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return self.batches(self.epoch)
+
+    def close(self) -> None:
+        """Stop the reader threads."""
+        self._pool.shutdown(wait=True)
+
+    def _indices(self, epoch: int) -> np.ndarray:
+        return shard_indices(len(self.images), self.rank, self.world_size, epoch, self.seed,
+                             shuffle=self.shuffle, drop_last=self.drop_last, batch_size=self.batch_size)
+
+    def _read(self, path: str) -> Tensor:
+        """One file's bytes, decoded too when the device is the CPU (runs in a worker thread)."""
+        data = read_bytes(path)
+        return data if self.device.type == "cuda" else decode_cpu(data, path)
+
+    def _load(self, paths: list[str]) -> list[Future]:
+        """Start reading (and on CPU decoding) a batch in the worker threads, one task per file."""
+        return [self._pool.submit(self._read, path) for path in paths]
+
+    def batches(self, epoch: int, out: tuple[Tensor, Tensor] | None = None
+                ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Iterate epoch `epoch`; with out=(buf1, buf2) every batch is written into those buffers.
+
+        The buffers must be (B, 3, S, S) in the pipeline's dtype on its device;
+        the yielded views are then the buffers themselves (overwritten next step).
+        """
+        indices = self._indices(epoch)
+        chunks = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        mixed = _seed_for(self.seed, epoch, self.rank)
+        box_generator = torch.Generator().manual_seed(mixed)
+        colour_generator = torch.Generator(device=self.device).manual_seed(mixed)
+        pending = self._load([self.images.files[i] for i in chunks[0]]) if chunks else []
+        for step, chunk in enumerate(chunks):
+            paths = [self.images.files[i] for i in chunk]
+            loaded = [future.result() for future in pending]
+            if step + 1 < len(chunks):
+                pending = self._load([self.images.files[i] for i in chunks[step + 1]])
+            decoded = (decode_to_device(loaded, paths, self.device, self._pool)
+                       if self.device.type == "cuda" else loaded)
+            crops = self._crop_pairs(decoded, box_generator)
+            targets = out if out is not None and len(chunk) == self.batch_size else (None, None)
+            view1, view2 = (self.augment.colour(crops[v], v, colour_generator, out=targets[v]) for v in (0, 1))
+            labels = torch.tensor([self.images.labels[i] for i in chunk], dtype=torch.int64)
+            if self.device.type == "cuda":
+                labels = labels.pin_memory().to(self.device, non_blocking=True)
+            yield view1, view2, labels
+
+    def _crop_pairs(self, decoded: list[Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Two random resized crops of every image, [B, 3, S, S] float in [0, 1] each.
+
+        Boxes are drawn on the host (image sizes are known there), so slicing
+        is plain indexing; F.interpolate with align_corners=False is exactly
+        torchvision's resize geometry.
+        """
+        size = self.spec.image_size
+        heights = torch.tensor([image.shape[-2] for image in decoded])
+        widths = torch.tensor([image.shape[-1] for image in decoded])
+        boxes = [sample_crop_boxes(heights, widths, view, generator).int().tolist() for view in self.spec.views]
+        crops = torch.empty(2, len(decoded), 3, size, size, device=self.device)
+        for i, image in enumerate(decoded):
+            unit = image.to(torch.float32).mul_(1.0 / 255).unsqueeze(0)
+            for v in (0, 1):
+                top, left, h, w = boxes[v][i]
+                crops[v, i] = F.interpolate(unit[..., top:top + h, left:left + w], size=(size, size),
+                                            mode=self.spec.interpolation, align_corners=False,
+                                            antialias=self.antialias)[0]
+        # Bicubic overshoots [0, 1]; torchvision's uint8 path clamps it the same way.
+        crops.clamp_(0, 1)
+        return crops[0], crops[1]
