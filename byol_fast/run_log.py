@@ -1,0 +1,281 @@
+"""What a run records: provenance, resolved config, metrics (JSONL + TensorBoard), progress, MFU.
+
+    run_dir/config.json        the resolved configuration
+    run_dir/provenance.json    git SHA, versions, devices, host, command line, start time
+    run_dir/metrics.jsonl      one JSON object per logged step, flushed as written
+    run_dir/tensorboard/       the same scalars, when the tensorboard package is installed
+
+Only rank 0 writes; on other ranks every RunLogger method does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Distribution names to report when installed (DALI ships one wheel per CUDA major version).
+_OPTIONAL_DISTRIBUTIONS = {
+    "torchvision": ("torchvision",),
+    "numpy": ("numpy",),
+    "nvidia_dali": ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"),
+    "ffcv": ("ffcv",),
+}
+
+
+def _git(*args: str) -> str | None:
+    """stdout of a git command run in this package's directory, or None when it fails."""
+    try:
+        result = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip()
+
+
+def git_state() -> dict[str, Any]:
+    """{"sha", "dirty"} of the checkout this code runs from; both None outside a git checkout.
+
+    The repository must track this very file, so an installed copy that happens to sit
+    inside someone else's repository (a venv in a project) reports None, not their SHA.
+    """
+    if _git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return {"sha": None, "dirty": None}
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def _version(distributions: tuple[str, ...]) -> str | None:
+    """The installed version of the first of `distributions` found, else None (nothing is imported)."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _nccl_version() -> str | None:
+    """NCCL's version as "major.minor.patch", None where torch was built without it."""
+    try:
+        return ".".join(map(str, torch.cuda.nccl.version()))
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """Everything needed to say what produced a run: code, libraries, hardware, host, command, time."""
+    cuda = torch.cuda.is_available()
+    return {
+        "git": git_state(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **{key: _version(names) for key, names in _OPTIONAL_DISTRIBUTIONS.items()},
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "nccl": _nccl_version() if cuda else None,
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "argv": list(sys.argv),
+        "utc_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _json_default(value: Any) -> Any:
+    """Plain JSON forms for config values that are not JSON types; anything else is an error."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (os.PathLike, torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON-serializable: "
+                    "convert it to a number, string, list or dict before passing the config")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN/inf become null: metrics.jsonl stays strict JSON that any reader parses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _duration(seconds: float) -> str:
+    """H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class RunLogger:
+    """Rank 0's record of a run; a no-op on every other rank.
+
+    Args:
+        run_dir: where config.json, provenance.json, metrics.jsonl and tensorboard/ go.
+        config: the resolved configuration (JSON types, dataclasses, paths, enums).
+        rank: the global rank; only 0 writes anything.
+        total_steps: the step count of the whole run, for the progress bar and ETA.
+        tensorboard: also write TensorBoard scalars (warns once and goes on without them
+            when the tensorboard package is missing).
+        progress: show progress (a tqdm bar on a terminal, one plain line per log call otherwise).
+        images_per_step: global images per optimizer step; gives images/s from wall time
+            when a logged step carries no "images_per_s" metric.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config: dict, rank: int, total_steps: int,
+                 tensorboard: bool = True, progress: bool = True, images_per_step: int | None = None) -> None:
+        self.enabled = rank == 0
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.images_per_step = images_per_step
+        self._writer = None
+        self._bar = None
+        self._progress = progress
+        self._metrics_file = None
+        self._last: tuple[int, float] | None = None  # (step, monotonic time) of the previous log call
+        self._start = time.monotonic()
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Serialize before writing anything, so a bad config fails without leaving half a run directory.
+        config_text = json.dumps(config, indent=2, default=_json_default)
+        (self.run_dir / "config.json").write_text(config_text + "\n", encoding="utf-8")
+        (self.run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n", encoding="utf-8")
+        # Appending keeps the lines of earlier attempts when a run resumes; line buffering
+        # hands each line to the OS as it is written, so a killed run loses none.
+        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+        if tensorboard:
+            self._writer = self._open_tensorboard()
+
+    def _open_tensorboard(self):
+        """A SummaryWriter on run_dir/tensorboard, or None (with one warning) when tensorboard is missing."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            warnings.warn(f"TensorBoard logging is off ({error}); metrics still go to "
+                          f"{self.run_dir / 'metrics.jsonl'}. Fix: pip install tensorboard", stacklevel=3)
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float | int | None]) -> None:
+        """Appends one metrics line, writes TensorBoard scalars and updates the progress display."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        record = {"step": step, "time": time.time(), "elapsed_s": round(now - self._start, 3),
+                  **{key: _finite_or_none(value) for key, value in metrics.items()}}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"train/{key}", value, step)
+            self._writer.flush()
+        if self._progress:
+            self._show(step, metrics, now)
+        self._last = (step, now)
+
+    def _show(self, step: int, metrics: dict[str, Any], now: float) -> None:
+        """Progress with loss, images/s and an ETA from the step rate since the previous log call."""
+        steps_per_s = None
+        if self._last is not None and step > self._last[0] and now > self._last[1]:
+            steps_per_s = (step - self._last[0]) / (now - self._last[1])
+        images_per_s = metrics.get("images_per_s")
+        if images_per_s is None and steps_per_s is not None and self.images_per_step:
+            images_per_s = steps_per_s * self.images_per_step
+        parts = [f"{key} {value:.4g}" for key, value in metrics.items()
+                 if key == "loss" and isinstance(value, float)]
+        if images_per_s is not None:
+            parts.append(f"{images_per_s:,.0f} img/s")
+        if steps_per_s:
+            parts.append(f"ETA {_duration((self.total_steps - step) / steps_per_s)}")
+        text = " | ".join(parts)
+        if sys.stderr.isatty() and self._open_bar(step):
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"step {step}/{self.total_steps} | {text}", file=sys.stderr, flush=True)
+
+    def _open_bar(self, step: int) -> bool:
+        """Creates the tqdm bar at the first logged step (so a resumed run starts mid-bar); False without tqdm."""
+        if self._bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return False
+            # Our own ETA goes in the postfix; tqdm's would count the resumed steps as done at infinite speed.
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+        return True
+
+    def close(self) -> None:
+        """Flushes and closes the metrics file, TensorBoard writer and progress bar; safe to call twice."""
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def mfu(images_per_second: float, flops_per_image: float, peak_flops: float) -> float:
+    """Model FLOP utilization: achieved FLOP/s over the device's peak FLOP/s (0.5 means 50%)."""
+    if peak_flops <= 0 or flops_per_image <= 0:
+        raise ValueError(f"peak_flops={peak_flops} and flops_per_image={flops_per_image} must be positive")
+    return images_per_second * flops_per_image / peak_flops
+
+
+@functools.lru_cache(maxsize=None)
+def byol_step_flops_per_image(arch: str, image_size: int, *, projection_size: int = 256,
+                              projection_hidden_size: int = 4096, prediction_hidden_size: int = 4096) -> float:
+    """FLOPs of one BYOL training step per source image (two views), counted, not guessed.
+
+    Runs a real BYOL forward (online and target on both views) and backward at batch 2
+    on the meta device under FlopCounterMode, so no memory or compute is spent. That
+    counts online forward+backward (~3x forward) and target forward (1x) per view, as
+    executed: the first convolution's input gradient, never computed, is not counted.
+    Optimizer, EMA and BatchNorm are elementwise and left out. ResNet-50 at 224: ~65.1e9.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from byol_fast.model import BYOL
+
+    batch = 2  # BatchNorm needs more than one sample per view in training mode
+    with torch.device("meta"), torch.enable_grad():
+        learner = BYOL(arch, image_size=image_size, projection_size=projection_size,
+                       projection_hidden_size=projection_hidden_size, prediction_hidden_size=prediction_hidden_size)
+        views = [torch.randn(batch, 3, image_size, image_size) for _ in range(2)]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            learner.train()(*views).backward()
+    return counter.get_total_flops() / batch
