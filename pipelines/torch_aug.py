@@ -9,10 +9,10 @@ whole stage can run inside a captured `torch.cuda.CUDAGraph`.
 Randomness under CUDA graphs: with `generator=None` the default CUDA generator
 is used, and PyTorch's graph-safe Philox RNG advances its offset on every
 replay, so each replay draws fresh values. A private `torch.Generator("cuda")`
-works the same only if it is registered with the graph before capture
-(`graph.register_generator_state(generator)`); otherwise replays repeat the
-numbers drawn at capture time. On CPU (and on CUDA outside graphs) a seeded
-generator makes results deterministic.
+works the same once registered with the graph before capture
+(`graph.register_generator_state(generator)`); PyTorch refuses to advance an
+unregistered generator during capture. On CPU (and on CUDA outside graphs) a
+seeded generator makes results deterministic.
 
 Cost of compute-then-select (per view): the blur runs on every sample and is
 kept only where blurred (view 2 blurs 10%); the colour jitter runs its three
@@ -212,14 +212,16 @@ def _blend_slot(images: Tensor, ratio: Tensor, op: Tensor) -> Tensor:
 
     All three are torchvision's `_blend(image, other, ratio)` = clamp(ratio * image
     + (1 - ratio) * other) with other = 0, the mean gray level, or the grayscale
-    image; ratio 1 is an exact identity, which is how unused slots pass through.
+    image. Written as ratio * image + w_mean + w_gray * gray with per-sample
+    weights, it is three full-size kernels whatever the op; ratio 1 is an exact
+    identity, which is how unused slots pass through.
     """
     gray = _gray(images)
-    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-    op = _per_sample(op)
-    other = torch.where(op == 2, gray, torch.where(op == 1, mean, torch.zeros_like(mean)))
-    ratio = _per_sample(ratio)
-    return images.mul(ratio).add_(other * (1 - ratio)).clamp_(0, 1)
+    mean = gray.mean(dim=(-3, -2, -1))
+    other_weight = 1 - ratio
+    w_mean = _per_sample(torch.where(op == 1, other_weight * mean, torch.zeros_like(mean)))
+    w_gray = _per_sample(torch.where(op == 2, other_weight, torch.zeros_like(other_weight)))
+    return torch.addcmul(w_mean, images, _per_sample(ratio)).addcmul_(gray, w_gray).clamp_(0, 1)
 
 
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
