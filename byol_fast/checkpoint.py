@@ -141,9 +141,11 @@ class CheckpointManager:
             raise ValueError(f"checkpoint state lacks {', '.join(missing)}: pass the model and optimizer state dicts")
         bad = first_nonfinite(state)
         if bad is not None:
+            last = self.latest()
+            kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written"
             raise ValueError(
-                f"refusing to save the step-{step} checkpoint: {bad} holds NaN/inf; the last good checkpoint "
-                f"({self.latest()}) is kept. Lower the learning rate or check the data, then resume from it"
+                f"refusing to save the step-{step} checkpoint: {bad} holds NaN/inf; {kept}. "
+                "Lower the learning rate or check the data, then resume from the last good checkpoint"
             )
         self.directory.mkdir(parents=True, exist_ok=True)
         # Temp files left by a killed process can never become checkpoints; they only hold disk space.
