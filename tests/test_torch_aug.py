@@ -132,9 +132,8 @@ def test_resized_crop_matches_torchvision_without_antialias(mode):
             continue
         # Bicubic: exact where all four taps of both axes stay inside the box (torchvision replicates the
         # box edge, grid_sample reads the real neighbours), and where the box edge is the image edge.
-        src = lambda start, extent, full: (start + (torch.arange(size) + 0.5) * extent / size - 0.5).floor()
         def inside(start, extent, full):
-            f = src(start, extent, full)
+            f = (start + (torch.arange(size) + 0.5) * extent / size - 0.5).floor()  # each output's base tap
             return ((f - 1 >= start) | (start == 0)) & ((f + 2 <= start + extent - 1) | (start + extent == full))
         rows, cols = inside(top, h, 48), inside(left, w, 40)
         cols = cols.flip(0) if flip[i] else cols
