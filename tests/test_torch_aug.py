@@ -3,6 +3,7 @@ plus sampling statistics, the data contract, determinism, no host syncs, and (on
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -316,11 +317,24 @@ def test_cuda_colour_matches_cpu_for_same_params():
                                    resized_crop(images, boxes, 16, mode, p.flipped), atol=1e-4, rtol=0)
 
 
+@contextlib.contextmanager
+def _sync_is_error():
+    """torch.cuda.set_sync_debug_mode("error") for the block: any implicit host sync raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def _capture(fn, private: torch.Generator | None):
-    """Warm fn up on a side stream, then capture it in a CUDA graph (the documented recipe)."""
+    """Warm fn up on a side stream with syncs as errors, then capture it in a CUDA graph.
+
+    The capture itself needs no sync guard: a sync inside a capturing stream is a CUDA error.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), _sync_is_error():
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
@@ -340,23 +354,18 @@ def test_cuda_graph_capture_gives_fresh_draws_each_replay(use_private_generator)
     aug = TorchTwoViewAugment(spec, device="cuda", dtype=torch.bfloat16)
     batch = torch.randint(0, 256, (n, 3, 40, 40), dtype=torch.uint8, device="cuda")
     private = torch.Generator(device="cuda").manual_seed(0) if use_private_generator else None
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        graph, (views, params) = _capture(lambda: aug(batch, private, return_params=True), private)
-        seen = []
-        for _ in range(3):
+    graph, (views, params) = _capture(lambda: aug(batch, private, return_params=True), private)
+    seen = []
+    for _ in range(3):
+        with _sync_is_error():
             graph.replay()
-            seen.append((views[0].clone(), views[1].clone()))
-            for view, p in zip(spec.views, params):
-                for name, prob in [("flipped", view.flip_prob), ("jittered", view.color_jitter_prob),
-                                   ("grayscaled", view.grayscale_prob), ("blurred", view.blur_prob),
-                                   ("solarized", view.solarize_prob)]:
-                    flags = getattr(p, name)
-                    torch.cuda.set_sync_debug_mode(0)  # reading the counts back is the test's own sync
-                    assert _within(int(flags.sum()), n, prob), (name, int(flags.sum()))
-                    torch.cuda.set_sync_debug_mode("error")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+        seen.append((views[0].clone(), views[1].clone()))
+        for view, p in zip(spec.views, params):
+            for name, prob in [("flipped", view.flip_prob), ("jittered", view.color_jitter_prob),
+                               ("grayscaled", view.grayscale_prob), ("blurred", view.blur_prob),
+                               ("solarized", view.solarize_prob)]:
+                count = int(getattr(p, name).sum())
+                assert _within(count, n, prob), (name, count)
     assert not torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[1][1], seen[2][1])
     assert views[0].is_contiguous(memory_format=torch.channels_last) and views[0].dtype == torch.bfloat16
 
@@ -368,13 +377,10 @@ def test_cuda_colour_stage_captured_under_sync_error_mode():
     crops = torch.randint(0, 256, (256, 3, 64, 64), dtype=torch.uint8, device="cuda")
     static_out = torch.empty(256, 3, 64, 64, dtype=torch.bfloat16, device="cuda").contiguous(
         memory_format=torch.channels_last)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        graph, _ = _capture(lambda: aug.colour(crops, 1, out=static_out), None)
+    graph, _ = _capture(lambda: aug.colour(crops, 1, out=static_out), None)
+    with _sync_is_error():
         graph.replay()
         first = static_out.clone()
         graph.replay()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert not torch.equal(first, static_out)
     assert torch.isfinite(static_out.float()).all()
