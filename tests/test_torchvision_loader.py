@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from pipelines.decode import CorruptImageError
 from pipelines.sources import ImageList, read_file_list, shard_indices
@@ -150,3 +151,127 @@ def test_argument_validation(images: ImageList) -> None:
     assert view1 is buffers[0] and view2 is buffers[1]
     torch.testing.assert_close(view1, next(loader.batches(0))[0])
     assert len(build_view_transform(SPEC, SPEC.view1).transforms) == 8  # view 1 has no solarize op (p = 0)
+
+
+# ---- Measured statistics: every random op of the real loader is observed through its own make_params. ----
+
+_OPS = {v2.RandomResizedCrop: "crop", v2.RandomHorizontalFlip: "flip", v2.ColorJitter: "jitter",
+        v2.RandomGrayscale: "gray", v2.GaussianBlur: "blur", v2.RandomSolarize: "solarize"}
+
+
+class _Recorder:
+    """Wraps the make_params of the loader's own transform objects; torchvision calls it only when an op applies."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, list] = {}
+        self.sample: dict[str, list[int]] = {}  # which crop (sample) of that view each event belongs to
+
+    def watch(self, key: str, view: int, transform: v2.Transform) -> None:
+        original = transform.make_params
+        self.params[key], self.sample[key] = [], []
+
+        def recording(flat_inputs: list) -> dict:
+            params = original(flat_inputs)
+            # The op receives params untouched; crops also note the PIL image's (width, height).
+            self.params[key].append({**params, "image_size": flat_inputs[0].size} if key.endswith("crop") else params)
+            self.sample[key].append(len(self.params[f"{view}:crop"]) - 1)
+            return params
+
+        transform.make_params = recording  # instance attribute: shadows the method for this object only
+
+    def instrument(self, loader) -> None:
+        for view, compose in enumerate(loader.dataset.view_transforms):
+            for op in compose.transforms:
+                inner = op.transforms[0] if isinstance(op, v2.RandomApply) else op
+                if type(inner) in _OPS:
+                    self.watch(f"{view}:{_OPS[type(inner)]}", view, inner)
+
+    def rate(self, view: int, op: str) -> float:
+        return len(self.params.get(f"{view}:{op}", [])) / len(self.params[f"{view}:crop"])
+
+
+def _binomial_ok(rate: float, p: float, n: int) -> bool:
+    return abs(rate - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12
+
+
+def _ks(sample: np.ndarray, reference: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = np.concatenate([sample, reference])
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(sample) - cdf(reference)).max())
+
+
+def _reference_crops(sizes: np.ndarray, view: ViewSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """RandomResizedCrop's documented sampler in float64: 10 tries of (area, log-ratio), else a centre crop.
+
+    Returns crop widths and heights for images of the given (width, height).
+    """
+    width, height = sizes[:, :1].astype(float), sizes[:, 1:].astype(float)
+    area = width * height * rng.uniform(*view.crop_scale, size=(len(sizes), 10))
+    ratio = np.exp(rng.uniform(np.log(view.crop_ratio[0]), np.log(view.crop_ratio[1]), size=(len(sizes), 10)))
+    w, h = np.rint(np.sqrt(area * ratio)), np.rint(np.sqrt(area / ratio))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.argmax(1)
+    rows = np.arange(len(sizes))
+    w, h = w[rows, first], h[rows, first]
+    aspect = width[:, 0] / height[:, 0]
+    lo, hi = view.crop_ratio
+    fallback_w = np.where(aspect < lo, width[:, 0], np.where(aspect > hi, np.rint(height[:, 0] * hi), width[:, 0]))
+    fallback_h = np.where(aspect < lo, np.rint(width[:, 0] / lo), height[:, 0])
+    none = ~valid.any(1)
+    return np.where(none, fallback_w, w), np.where(none, fallback_h, h)
+
+
+def test_measured_op_rates_and_parameter_distributions(images: ImageList) -> None:
+    loader = build_torchvision_loader(images, SPEC, batch_size=48, workers=0, seed=11)
+    recorder = _Recorder()
+    recorder.instrument(loader)
+    epochs = 32  # 32 x 48 = 1536 samples, two views each: 5 sd of a p=0.5 rate is 0.064
+    for epoch in range(epochs):
+        for _ in loader.batches(epoch):
+            pass
+    n = epochs * 48
+    for view, spec_view in enumerate(SPEC.views):
+        assert len(recorder.params[f"{view}:crop"]) == n
+        for op, p in (("flip", spec_view.flip_prob), ("jitter", spec_view.color_jitter_prob),
+                      ("gray", spec_view.grayscale_prob), ("blur", spec_view.blur_prob),
+                      ("solarize", spec_view.solarize_prob)):
+            assert _binomial_ok(recorder.rate(view, op), p, n), (view, op, recorder.rate(view, op), p)
+    assert recorder.rate(0, "blur") == 1.0 and recorder.rate(0, "solarize") == 0.0  # exact for p = 1 and p = 0
+    # The views draw independently: both flipped about 1/4 of the time.
+    both = len(set(recorder.sample["0:flip"]) & set(recorder.sample["1:flip"])) / n
+    assert _binomial_ok(both, 0.25, n), both
+
+    # Crop geometry against a float64 re-implementation of the sampler, image sizes matched.
+    rng = np.random.default_rng(0)
+    for view, spec_view in enumerate(SPEC.views):
+        crops = recorder.params[f"{view}:crop"]
+        sizes = np.array([c["image_size"] for c in crops])
+        w, h = np.array([c["width"] for c in crops]), np.array([c["height"] for c in crops])
+        top, left = np.array([c["top"] for c in crops]), np.array([c["left"] for c in crops])
+        assert (top >= 0).all() and (left >= 0).all()
+        assert (top + h <= sizes[:, 1]).all() and (left + w <= sizes[:, 0]).all()
+        ref_w, ref_h = _reference_crops(np.repeat(sizes, 20, axis=0), spec_view, rng)
+        ks_limit = 2.5 * np.sqrt((n + 20 * n) / (n * 20 * n))  # alpha ~ 1e-5
+        assert _ks(w * h / sizes.prod(1), ref_w * ref_h / np.repeat(sizes, 20, axis=0).prod(1)) < ks_limit
+        assert _ks(np.log(w / h), np.log(ref_w / ref_h)) < ks_limit
+
+    # Jitter factors and order, blur sigma: uniform on the spec's ranges.
+    def uniform_ks(values: np.ndarray, lo: float, hi: float) -> float:
+        values = np.sort(values)
+        ecdf = np.arange(1, len(values) + 1) / len(values)
+        return float(np.abs(ecdf - (values - lo) / (hi - lo)).max())
+
+    view = SPEC.view1
+    jitter = recorder.params["0:jitter"] + recorder.params["1:jitter"]
+    for name, (lo, hi) in (("brightness_factor", (1 - view.brightness, 1 + view.brightness)),
+                           ("contrast_factor", (1 - view.contrast, 1 + view.contrast)),
+                           ("saturation_factor", (1 - view.saturation, 1 + view.saturation)),
+                           ("hue_factor", (-view.hue, view.hue))):
+        values = np.array([params[name] for params in jitter])
+        assert values.min() >= lo and values.max() <= hi
+        assert uniform_ks(values, lo, hi) < 2.5 / np.sqrt(len(values)), name
+    first_op = Counter(int(params["fn_idx"][0]) for params in jitter)
+    assert all(_binomial_ok(first_op[k] / len(jitter), 0.25, len(jitter)) for k in range(4)), first_op
+    sigmas = np.array([params["sigma"][0] for params in recorder.params["0:blur"] + recorder.params["1:blur"]])
+    assert uniform_ks(sigmas, *view.blur_sigma) < 2.5 / np.sqrt(len(sigmas))
