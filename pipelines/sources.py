@@ -42,7 +42,8 @@ class ImageList:
 
     def __post_init__(self) -> None:
         if len(self.files) != len(self.labels):
-            raise ValueError(f"ImageList has {len(self.files)} files but {len(self.labels)} labels; pass one label per file")
+            raise ValueError(f"ImageList has {len(self.files)} files but {len(self.labels)} labels; "
+                             f"pass one label per file")
 
     def __len__(self) -> int:
         return len(self.files)

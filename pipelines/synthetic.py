@@ -46,7 +46,8 @@ _LAYOUT_RANGES = {"single": ((1, 1), (0.25, 0.42)), "few": ((2, 4), (0.13, 0.22)
 _OCTAVES = ((150, 40), (24, 25), (5, 20))
 """(cell size in pixels, amplitude in 8-bit units) of the background texture's layers, coarse to fine."""
 _GRAIN = 16
-"""Half-width of the per-pixel uniform grain (8-bit units); with the texture it sets the JPEG size (~110 KB at quality 95)."""
+"""Half-width of the per-pixel uniform grain (8-bit units); with the texture it sets the JPEG size
+(~110 KB at quality 95)."""
 
 
 @dataclass(frozen=True)

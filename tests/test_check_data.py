@@ -47,7 +47,8 @@ def planted(tmp_path: Path) -> tuple[Path, dict[str, set[str]]]:
     Image.new("P", (64, 48)).save(plant("eel/palette.png", ("palette",)))
     Image.new("RGB", (20, 64)).save(plant("dog/tiny.jpg", ("too-small",)), format="JPEG")
     # Several at once: a grayscale PNG behind a .JPEG name that is also too small.
-    Image.new("L", (16, 16), 5).save(plant("dog/combo.JPEG", ("format-mismatch", "grayscale", "too-small")), format="PNG")
+    combo = plant("dog/combo.JPEG", ("format-mismatch", "grayscale", "too-small"))
+    Image.new("L", (16, 16), 5).save(combo, format="PNG")
     return root, expected
 
 
@@ -79,7 +80,8 @@ def test_min_size_threshold(planted: tuple[Path, dict[str, set[str]]]) -> None:
     assert check_file(str(root / "cat" / "ok0.JPEG"), min_size=49).issues == ("too-small",)
 
 
-def test_cli_exit_codes_and_listing(planted: tuple[Path, dict[str, set[str]]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exit_codes_and_listing(planted: tuple[Path, dict[str, set[str]]],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     root, expected = planted
     assert cd.main([str(root)]) == 1
     out = capsys.readouterr().out.splitlines()

@@ -128,12 +128,14 @@ def test_image_list_rejects_mismatched_labels() -> None:
         ImageList(files=["/a", "/b"], labels=[0], classes=["x"])
 
 
-@pytest.mark.parametrize("num_items, world_size, batch_size", [(103, 1, 1), (103, 2, 4), (1000, 3, 8), (64, 8, 8), (97, 7, 2)])
+@pytest.mark.parametrize("num_items, world_size, batch_size",
+                         [(103, 1, 1), (103, 2, 4), (1000, 3, 8), (64, 8, 8), (97, 7, 2)])
 def test_shard_drop_last_disjoint_equal_and_trimmed(num_items: int, world_size: int, batch_size: int) -> None:
     count = samples_per_rank(num_items, world_size, batch_size)
     assert count == (num_items // world_size) // batch_size * batch_size
     for epoch in range(3):
-        shards = [shard_indices(num_items, r, world_size, epoch, seed=5, batch_size=batch_size) for r in range(world_size)]
+        shards = [shard_indices(num_items, r, world_size, epoch, seed=5, batch_size=batch_size)
+                  for r in range(world_size)]
         assert all(len(s) == count and s.dtype == np.int64 for s in shards)
         union = np.concatenate(shards)
         assert len(np.unique(union)) == len(union) == count * world_size  # no repeats across ranks

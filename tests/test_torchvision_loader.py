@@ -275,3 +275,20 @@ def test_measured_op_rates_and_parameter_distributions(images: ImageList) -> Non
     assert all(_binomial_ok(first_op[k] / len(jitter), 0.25, len(jitter)) for k in range(4)), first_op
     sigmas = np.array([params["sigma"][0] for params in recorder.params["0:blur"] + recorder.params["1:blur"]])
     assert uniform_ks(sigmas, *view.blur_sigma) < 2.5 / np.sqrt(len(sigmas))
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_output_matches_cpu_and_fills_static_buffers(images: ImageList) -> None:
+    cpu = _epoch(build_torchvision_loader(images, SPEC, batch_size=8, workers=2, seed=2), 0)
+    gpu_loader = build_torchvision_loader(images, SPEC, batch_size=8, workers=2, seed=2, device="cuda")
+    assert gpu_loader.dtype == torch.bfloat16  # the default training dtype on GPU
+    buffers = tuple(torch.empty(8, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+                    .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    for (c1, c2, c_labels), (g1, g2, g_labels) in zip(cpu, gpu_loader.batches(0, out=buffers), strict=True):
+        assert g1 is buffers[0] and g2 is buffers[1] and g_labels.device.type == "cuda"
+        torch.testing.assert_close(g1.float().cpu(), c1, atol=0.02, rtol=0.01)  # bf16 rounding only
+        torch.testing.assert_close(g2.float().cpu(), c2, atol=0.02, rtol=0.01)
+        assert torch.equal(g_labels.cpu(), c_labels)
+    view1, _, _ = next(iter(gpu_loader))
+    assert view1.device.type == "cuda" and view1.dtype == torch.bfloat16
+    assert view1.is_contiguous(memory_format=torch.channels_last)
