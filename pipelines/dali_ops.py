@@ -25,14 +25,18 @@ How each op relates to torchvision (tests/test_dali_pipeline.py measures it):
   each other and with contrast: the fixed order (contrast, then the rest
   together) equals torchvision's random order except where an intermediate
   value clips at 0 or 255. Brightness, contrast and saturation then match
-  torchvision's definitions to rounding. Hue does not: DALI rotates chroma in
-  YIQ by `hue * 360` degrees, torchvision shifts the HSV hexcone hue by `hue`
-  turns; both leave grays alone and move colours by the same nominal angle, but
-  per pixel they differ by about 13 levels (of 255) on average at 0.05 turn
-  for saturated pictures. An exact hexcone shift costs ~50 elementwise DALI
-  ops per view; we keep DALI's native op (as DALI-based SSL code does).
-- Grayscale: `fn.saturation(x, 0)`, i.e. BT.601 luma in all three channels
-  (torchvision: weights 0.2989/0.587/0.114; at most one level apart).
+  torchvision's definitions to rounding. Hue does not: DALI rotates (I, Q) in
+  YIQ space by `hue * 360` degrees (its matrix has 3-decimal NTSC rows and
+  maps back with their exact inverse), torchvision shifts the HSV hexcone hue
+  by `hue` turns. Both leave grays alone and turn colours by the same nominal
+  angle, but per pixel they differ: on our saturated synthetic pictures by
+  about 12 levels (of 255) on average at 0.05 turn and 21 at 0.1 turn, about
+  as much as the shift itself moves a pixel. An exact hexcone shift would cost
+  ~50 elementwise DALI ops per view; we keep DALI's native op (as DALI-based
+  SSL code does) and say so.
+- Grayscale: `fn.saturation(x, 0)`: BT.601 luma in all three channels, within
+  1.5 levels of torchvision's (weights 0.2989/0.587/0.114) because of the
+  inexact 3-decimal YIQ matrix.
 - Gaussian blur, solarize, normalize: same definitions as torchvision (blur:
   reflect-101 borders, kernel `spec.blur_kernel_size`; solarize: invert values
   at or above the threshold, an exact 256-entry lookup table).

@@ -36,14 +36,15 @@ import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
-import nvidia.dali.fn as fn
-import nvidia.dali.types as types
+from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 
-from pipelines.dali_ops import make_view
 from pipelines.check_data import UNREADABLE, check_file
+from pipelines.dali_ops import make_view
 from pipelines.decode import probe_image
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
@@ -164,9 +165,9 @@ class DaliTwoViewLoader:
     `out=(buf1, buf2)`: static (B, 3, S, S) channels_last tensors of `dtype` on
     the device (e.g. a CUDA graph's inputs). Every batch is then written into
     them (one copy kernel per view, the bf16 cast fused in) and they are what
-    is yielded. Without `out`, fp16 views are DALI's buffers themselves (zero
-    copy, safe to keep: DALI's dynamic executor never recycles a buffer that is
-    still referenced) and other dtypes are one cast each.
+    is yielded. Without `out`, fp16 and fp32 views are DALI's own output
+    buffers (zero copy, and safe to keep: DALI's dynamic executor never
+    recycles a buffer that is still referenced); bf16 views are one cast each.
 
     On the GPU all copies run on the current torch stream, which DALI's outputs
     are bound to: no host synchronization per batch. `debug_outputs=True` adds
@@ -194,7 +195,7 @@ class DaliTwoViewLoader:
         self.device, self.seed, self.dtype, self.shuffle = device, seed, dtype, shuffle
         self.num_threads = num_threads or default_num_threads()
         self.prefetch, self.debug_outputs = prefetch, debug_outputs
-        self.torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self.torch_device = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "gpu" else "cpu")
         self._batches = samples_per_rank(len(self.files), world_size, batch_size) // batch_size
         if self._batches == 0:
             raise DataError(f"{len(self.files)} images are too few for world_size={world_size} x batch_size="
@@ -253,7 +254,7 @@ class DaliTwoViewLoader:
         for _ in range(start, self._batches):
             yield self._next()
 
-    def _run(self) -> list:
+    def _run(self) -> tuple[TensorListCPU | TensorListGPU, ...]:
         try:
             # Bound to the current torch stream: DALI's results are ordered before our copies, no host wait.
             if self.device == "gpu":
@@ -278,7 +279,7 @@ class DaliTwoViewLoader:
         debug = {f"view{k + 1}": dict(zip(DEBUG_FIELDS, values[k * count:(k + 1) * count])) for k in range(2)}
         return (*views, labels, debug)
 
-    def _to_view(self, batch, buffer: torch.Tensor | None) -> torch.Tensor:
+    def _to_view(self, batch: TensorListCPU | TensorListGPU, buffer: torch.Tensor | None) -> torch.Tensor:
         nhwc = torch.from_dlpack(batch.as_tensor())  # zero-copy (B, S, S, 3)
         if buffer is not None:
             buffer.permute(0, 2, 3, 1).copy_(nhwc)  # the channels_last buffer's memory is NHWC; cast fused in

@@ -24,7 +24,7 @@ import nvidia.dali.types as types  # noqa: E402
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from pipelines import dali_ops  # noqa: E402
-from pipelines.dali_pipeline import DaliTwoViewLoader, pipeline_seed  # noqa: E402
+from pipelines.dali_pipeline import DEBUG_FIELDS, DaliTwoViewLoader, pipeline_seed  # noqa: E402
 from pipelines.sources import DataError, ImageList, shard_indices  # noqa: E402
 from pipelines.spec import AugmentationSpec, ViewSpec  # noqa: E402
 
@@ -358,6 +358,24 @@ def test_ops_match_torchvision_on_fixed_parameters():
     cubic = gaps[InterpolationMode.BICUBIC]
     assert cubic.mean() <= 0.75 and np.quantile(cubic, 0.99) <= 3
     assert gaps[InterpolationMode.BILINEAR].mean() > 1.5 * cubic.mean()  # it really is the bicubic filter
+
+
+@pytest.mark.cuda
+def test_gpu_pipeline_draws_like_cpu_mode_and_matches_its_pixels(images):
+    """Random draws are CPU operators in both modes, so the same seed gives the same decisions; pixels then
+    differ only by nvJPEG vs libjpeg-turbo decoding and GPU vs CPU kernels' float rounding."""
+    kwargs = dict(batch_size=10, seed=11, num_threads=2, dtype=torch.float32, debug_outputs=True)
+    cpu = _epoch(DaliTwoViewLoader(images, SPEC, device="cpu", **kwargs))
+    gpu = _epoch(DaliTwoViewLoader(images, SPEC, device="gpu", **kwargs))
+    levels = torch.tensor(SPEC.std).view(1, 3, 1, 1) * 255
+    for c, g in zip(cpu, gpu):
+        assert g[0].is_cuda and torch.equal(c[2], g[2].cpu())
+        for view in ("view1", "view2"):
+            for name in DEBUG_FIELDS:
+                np.testing.assert_array_equal(c[3][view][name], g[3][view][name], err_msg=f"{view}.{name}")
+        for k in (0, 1):
+            gap = ((c[k] - g[k].cpu()).abs() * levels).flatten()
+            assert gap.mean() <= 1.0 and torch.quantile(gap, 0.99) <= 5, (gap.mean(), torch.quantile(gap, 0.99))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
