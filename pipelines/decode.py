@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -114,17 +113,15 @@ def decode_rgb(source: bytes | BinaryIO, name: str = "<bytes>") -> Image.Image:
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     image = _open_checked(stream, name)
     try:
-        with warnings.catch_warnings():
-            # A damaged EXIF block warns but the pixels are fine; keep the loader quiet about it.
-            warnings.simplefilter("ignore", UserWarning)
-            image.load()
+        image.load()
+        # Inside the try: a mode PIL cannot convert (e.g. a LAB TIFF) is reported by path too.
+        return to_rgb(image)
     except Image.DecompressionBombError as err:
         raise CorruptImageError(f"{name} is implausibly large ({err}): replace it with a normal-sized image") from err
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
         # PIL reports truncation as OSError("image file is truncated ...") and bad streams as assorted errors.
         raise CorruptImageError(f"{name} is truncated or corrupt ({type(err).__name__}: {err}): "
                                 f"re-download or delete it; `byol-fast check-data` lists every such file") from err
-    return to_rgb(image)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -151,6 +148,8 @@ def probe_image(path: str | Path) -> ImageInfo:
     does. Raises CorruptImageError for files PIL cannot identify.
     """
     name = str(path)
+    if not os.path.isfile(name):
+        raise DataError(f"image {name} does not exist or is not a file: re-scan the data folder")
     with open(path, "rb") as handle:
         header = handle.read(16)
         handle.seek(0)

@@ -109,6 +109,8 @@ def test_missing_file_and_folder_are_data_errors(tmp_path: Path) -> None:
         load_rgb(tmp_path / "gone.jpg")
     with pytest.raises(DataError, match="is a folder"):
         load_rgb(tmp_path)
+    with pytest.raises(DataError, match="gone.jpg does not exist"):
+        probe_image(tmp_path / "gone.jpg")
 
 
 def test_decode_bytes_and_sniffing() -> None:
