@@ -1,0 +1,343 @@
+"""The trainer's configuration: one typed dataclass, presets as TOML, fail-fast validation.
+
+Resolution order (later wins): the dataclass defaults (the official 1000-epoch
+BYOL recipe) -> a preset from `byol_fast/presets/<name>.toml` -> a user TOML file
+(`--config FILE`) -> command-line flags and `--set key=value`. Every key is a
+field name of `TrainConfig`; an unknown preset or key is an error that lists the
+valid ones. `TrainConfig.validate(world_size, device)` checks everything that
+can be checked before a model is built, so an impossible run fails in a second
+with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from byol_fast.model import TORCHVISION_ENCODERS
+
+PRESET_DIR = Path(__file__).with_name("presets")
+BACKENDS = ("auto", "torchvision", "torch", "dali", "ffcv", "views")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a BYOL pretraining run needs; defaults are the official 1000-epoch recipe."""
+
+    preset: str | None = None
+    """Name of the preset this config started from (informational; set by `resolve_config`)."""
+    data: str = "data/synthetic/train"
+    """Training images: an ImageNet-style folder (`<data>/<class>/<img>`), a 'path label' list file,
+    a .beton file (ffcv backend) or a .pt file of pre-made views (views backend)."""
+    data_backend: str = "auto"
+    """Two-view pipeline: "torchvision" (CPU reference), "torch" (batched on the device), "dali", "ffcv",
+    "views" (pre-made views from a .pt file, for tests) or "auto" (DALI on CUDA when installed, else
+    torch on CUDA, else torchvision)."""
+    val_data: str | None = None
+    """Optional labelled held-out folder for the kNN monitor."""
+    arch: str = "resnet50"
+    """Encoder: a torchvision ResNet name."""
+    image_size: int = 224
+    """Side of each square view, in pixels."""
+    global_batch: int = 4096
+    """Source images per optimizer step summed over all ranks (each gives two views)."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank (gradient accumulation when memory is short)."""
+    epochs: int = 1000
+    """Passes over the training set; with warmup_epochs, sets the lr and tau schedules."""
+    warmup_epochs: int = 10
+    """Epochs of linear lr warm-up."""
+    base_lr: float = 0.2
+    """Learning rate per 256 images; the peak lr is base_lr * global_batch / 256."""
+    weight_decay: float = 1.5e-6
+    """LARS weight decay (not applied to biases and BatchNorm parameters)."""
+    momentum: float = 0.9
+    """LARS momentum."""
+    eta: float = 1e-3
+    """LARS trust coefficient."""
+    tau_base: float = 0.996
+    """EMA coefficient of the target at step 0; rises to 1 on a cosine."""
+    projection_size: int = 256
+    """Output size of the projector and the predictor."""
+    projection_hidden_size: int = 4096
+    """Hidden width of the projector MLP."""
+    prediction_hidden_size: int = 4096
+    """Hidden width of the predictor MLP."""
+    precision: str = "auto"
+    """"bf16" autocast, "fp16" (with a loss scaler), "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
+    channels_last: bool | None = None
+    """Keep images and convolution weights in channels-last memory format; None means on for CUDA and off on
+    the CPU, where oneDNN's channels-last BatchNorm and convolution backward are slower (3x for ResNet-18)."""
+    cuda_graph: bool | None = None
+    """Capture the step as one CUDA graph after warm-up; None means on for CUDA (unless compile or fp16),
+    off on CPU."""
+    compile: bool = False
+    """Run the step through torch.compile (for comparison with the captured graph)."""
+    device: str = "auto"
+    """"cuda", "cpu" or "auto" (CUDA when available). Under torchrun each rank takes cuda:LOCAL_RANK."""
+    workers: int = 8
+    """Data-loading worker processes (or threads) per rank."""
+    seed: int = 0
+    """Seed of weights, shuffling and augmentation; the same seed gives the same run."""
+    run_dir: str = "runs/byol"
+    """Folder for checkpoints, metrics.jsonl, TensorBoard events and the resolved config."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many optimizer steps (and always at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    resume: str | None = "auto"
+    """"auto" (continue from the newest checkpoint in run_dir, fresh when there is none; this is what makes a
+    torchrun restart resume by itself), a checkpoint path, or None/"none" (start fresh: refused when run_dir
+    already holds checkpoints, so a finished run is never mixed with a new one)."""
+    log_every: int = 50
+    """Read metrics back from the device and log them every this many steps (the only sync)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events (skipped with a warning when tensorboard is not installed)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (benchmarks, tests); schedules still span all epochs."""
+    synthetic_images: int = 0
+    """If > 0 and `data` does not exist, first write this many synthetic training images to `data`
+    (which must end in /train) with `pipelines.synthetic.make_synthetic`."""
+    synthetic_val_images: int = 0
+    """Synthetic images written to the sibling /val folder alongside `synthetic_images`."""
+    peak_tflops: float | None = None
+    """Peak bf16 TFLOP/s of one device for MFU; None measures a matmul once at start-up on CUDA."""
+
+    def validate(self, world_size: int = 1, device: str | None = None) -> None:
+        """Raise ValueError naming the fix for any impossible setting; cheap, runs before any heavy work.
+
+        `device` is the resolved device type ("cuda" or "cpu"); None uses `self.device` when it is
+        not "auto".
+        """
+        _check_choice("data_backend", self.data_backend, BACKENDS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("device", self.device, DEVICES)
+        if self.arch not in TORCHVISION_ENCODERS:
+            raise ValueError(f"arch={self.arch!r} is not supported: use one of {', '.join(TORCHVISION_ENCODERS)}")
+        _check_positive(self, "image_size", "global_batch", "accumulation_steps", "epochs", "projection_size",
+                        "projection_hidden_size", "prediction_hidden_size", "keep_checkpoints", "log_every")
+        _check_non_negative(self, "warmup_epochs", "base_lr", "weight_decay", "workers", "seed", "checkpoint_every",
+                            "synthetic_images", "synthetic_val_images")
+        if self.image_size < 32:
+            raise ValueError(f"image_size={self.image_size} is too small for a ResNet: use at least 32")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}: "
+                             f"lower --warmup-epochs or raise --epochs")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must lie in [0, 1) (BYOL uses 0.9)")
+        if self.eta <= 0:
+            raise ValueError(f"eta={self.eta} must be positive (BYOL uses 1e-3)")
+        if not 0.0 <= self.tau_base <= 1.0:
+            raise ValueError(f"tau_base={self.tau_base} must lie in [0, 1] (BYOL uses 0.996 or 0.99)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1, or unset it to train all epochs")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops} must be positive, or unset it to measure it")
+        per_step = world_size * self.accumulation_steps
+        if self.global_batch % per_step:
+            raise ValueError(f"global_batch={self.global_batch} is not divisible by world_size ({world_size}) x "
+                             f"accumulation_steps ({self.accumulation_steps}) = {per_step}: use a global batch that "
+                             f"is a multiple of {per_step} (e.g. {max(1, self.global_batch // per_step) * per_step}) "
+                             f"or change the number of processes / --accumulation-steps")
+        if self.global_batch // per_step < 2:
+            raise ValueError(f"global_batch={self.global_batch} leaves {self.global_batch // per_step} image per "
+                             f"micro-batch; BatchNorm needs at least 2: raise --global-batch")
+        if self.cuda_graph and self.precision == "fp16":
+            raise ValueError("precision='fp16' needs a loss scaler that reads overflow flags on the host, which a "
+                             "CUDA graph cannot do: use --precision bf16 or pass --no-cuda-graph")
+        kind = device if device is not None else (None if self.device == "auto" else self.device)
+        if kind == "cpu":
+            if self.cuda_graph:
+                raise ValueError("cuda_graph=true needs a CUDA device but this run is on the CPU: pass "
+                                 "--no-cuda-graph (or leave it unset: graphs are then used on CUDA only)")
+            if self.compile:
+                raise ValueError("compile=true is for the CUDA step; on the CPU drop --compile")
+            if self.data_backend == "dali":
+                raise ValueError("data_backend='dali' trains on CUDA only; on the CPU use --data-backend torchvision "
+                                 "(or auto)")
+        self._validate_data()
+
+    def _validate_data(self) -> None:
+        path = Path(self.data).expanduser()
+        if self.synthetic_images > 0:
+            if path.name != "train":
+                raise ValueError(f"synthetic_images={self.synthetic_images} writes <root>/train and <root>/val, "
+                                 f"so data must end in /train (got {self.data!r}): e.g. --data data/synthetic/train")
+            return  # written at start-up when missing
+        if not path.exists():
+            root = path.parent if path.name == "train" else path
+            raise ValueError(f"training data {path} does not exist: pass --data DIR (an ImageNet-style folder "
+                             f"<DIR>/<class>/<image>), or create the built-in data with `byol-fast make-synthetic "
+                             f"{root} --images 2000` and pass --data {root / 'train'}")
+        if self.data_backend == "ffcv" and path.suffix != ".beton":
+            raise ValueError(f"data_backend='ffcv' reads a .beton file, got {path}: convert the folder with "
+                             f"`byol-fast convert-ffcv {path} OUT.beton` and pass --data OUT.beton")
+        if self.data_backend == "views" and path.suffix != ".pt":
+            raise ValueError(f"data_backend='views' reads a .pt file of pre-made views, got {path}: "
+                             f"use another --data-backend for image folders")
+
+    # ---- derived values -------------------------------------------------------------------------
+
+    def resolved_device(self) -> str:
+        """"cuda" or "cpu" for device="auto" (CUDA when available)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_precision(self, device: str) -> str:
+        """The step's precision: precision="auto" is bf16 on CUDA and fp32 on the CPU."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device == "cuda" else "fp32"
+
+    def resolved_cuda_graph(self, device: str) -> bool:
+        """Whether the step is captured: cuda_graph=None means on for CUDA (off with --compile or fp16)."""
+        if self.cuda_graph is not None:
+            return self.cuda_graph
+        return device == "cuda" and not self.compile and self.resolved_precision(device) != "fp16"
+
+    def resolved_channels_last(self, device: str) -> bool:
+        """channels_last=None means on for CUDA, off on the CPU."""
+        return self.channels_last if self.channels_last is not None else device == "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML/JSON-able values."""
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: use one of {', '.join(choices)}")
+
+
+def _check_positive(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name}={getattr(config, name)} must be positive")
+
+
+def _check_non_negative(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}={getattr(config, name)} must be >= 0")
+
+
+# ---- presets, files and overrides ----------------------------------------------------------------
+
+def field_types() -> dict[str, Any]:
+    """Field name -> resolved type annotation of TrainConfig."""
+    return typing.get_type_hints(TrainConfig)
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Field name -> the docstring written under it in TrainConfig (used as --help text)."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in byol_fast/presets/."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _check_keys(values: dict[str, Any], origin: str) -> None:
+    valid = {f.name for f in fields(TrainConfig)} - {"preset"}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)} in {origin}: valid keys are "
+                         f"{', '.join(sorted(valid))}")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A flat table of TrainConfig keys from a TOML file (unknown keys are an error)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist: pass a TOML file of TrainConfig keys")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {path} is not valid TOML ({error}): fix the line it names") from error
+    _check_keys(values, str(path))
+    return values
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The values of a shipped preset; an unknown name lists the valid ones."""
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(available_presets())}")
+    return read_toml(path)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Convert `text` to the type of field `key` ("none" -> None for optional fields)."""
+    _check_keys({key: None}, "--set")
+    annotation = field_types()[key]
+    args = typing.get_args(annotation)
+    optional = type(None) in args and isinstance(annotation, types.UnionType)
+    if optional and text.strip().lower() in ("none", "null", ""):
+        return None
+    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if base is bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"{key}={text!r}: use true or false")
+        return lowered in ("true", "1", "yes", "on")
+    try:
+        return base(text)
+    except ValueError as error:
+        raise ValueError(f"{key}={text!r} is not a valid {base.__name__}") from error
+
+
+def _coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Check TOML value types against the fields (ints are accepted where floats are expected)."""
+    types_ = field_types()
+    out = {}
+    for key, value in values.items():
+        allowed = typing.get_args(types_[key]) or (types_[key],)
+        if value is None or isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+            out[key] = value
+        elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+        else:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ValueError(f"{key}={value!r} in {origin} must be {names}")
+    return out
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults -> preset -> config file -> overrides (already typed), as one TrainConfig (not validated)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        values.update(_coerce(load_preset(preset), f"preset {preset!r}"))
+    if config_file is not None:
+        values.update(_coerce(read_toml(config_file), str(config_file)))
+    if overrides:
+        _check_keys(overrides, "the command line")
+        values.update(overrides)
+    return TrainConfig(preset=preset, **values)
