@@ -1,0 +1,331 @@
+"""FFCV backend: convert -> .beton -> two-view batches, checked against exact counts and torchvision.
+
+Loaders are built once per module where possible: each new ffcv Loader costs a
+numba compile of its decode loop (about 1-4 s on a busy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+pytest.importorskip("ffcv")
+
+from byol_fast import cli  # noqa: E402
+from pipelines.decode import CorruptImageError, load_rgb  # noqa: E402
+from pipelines.ffcv_convert import convert_to_beton  # noqa: E402
+from pipelines.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
+from pipelines.ffcv_ops import crop_params, resized_crop_into, sample_crop_box  # noqa: E402
+from pipelines.sources import DataError, ImageList, shard_indices  # noqa: E402
+from pipelines.spec import AugmentationSpec, ViewSpec  # noqa: E402
+
+pytestmark = pytest.mark.ffcv
+
+N_IMAGES = 40
+SIZE = 32
+BATCH = 8
+SPEC = AugmentationSpec(image_size=SIZE)
+# Colour off, different crop ranges per view: views are then exactly normalized crops, and a mix-up of the
+# views' crop parameters shows.
+_PLAIN = dict(flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+GEOMETRY_SPEC = AugmentationSpec(image_size=SIZE, view1=ViewSpec(crop_scale=(0.08, 0.3), **_PLAIN),
+                                 view2=ViewSpec(crop_scale=(0.6, 1.0), crop_ratio=(0.5, 2.0), **_PLAIN))
+MODES = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR}
+
+
+def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Low-frequency colour content, so JPEG round trips stay within a few levels."""
+    low = torch.from_numpy(rng.random((1, 3, 5, 5), dtype=np.float32))
+    up = torch.nn.functional.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)
+    return (up[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def _write_tree(root: Path, count: int, seed: int) -> ImageList:
+    """`count` JPEGs of 40..64 px (below max_resolution, so stored unscaled), label i = image i."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    files = []
+    for i in range(count):
+        height, width = (int(v) for v in rng.integers(40, 65, size=2))
+        path = root / f"img{i:03d}.jpg"
+        Image.fromarray(_smooth_image(rng, height, width)).save(path, quality=95)
+        files.append(str(path))
+    return ImageList(files=files, labels=list(range(count)), classes=[str(i) for i in range(count)])
+
+
+def _truncate(path: str) -> None:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 3])
+
+
+def _labels_of(loader: FfcvTwoViewLoader) -> list[int]:
+    return [int(v) for _, labels in loader.raw_batches() for v in labels]
+
+
+def _crops_by_label(loader: FfcvTwoViewLoader) -> dict[int, np.ndarray]:
+    return {int(label): crops[k].numpy().copy()
+            for crops, labels in loader.raw_batches() for k, label in enumerate(labels)}
+
+
+@pytest.fixture(scope="module")
+def jpg_set(tmp_path_factory) -> tuple[ImageList, str]:
+    base = tmp_path_factory.mktemp("ffcv_jpg")
+    images = _write_tree(base / "src", N_IMAGES, seed=1)
+    report = convert_to_beton(images, base / "data.beton", max_resolution=64, num_workers=1)
+    assert report.num_entries == N_IMAGES and not report.skipped
+    return images, report.path
+
+
+@pytest.fixture(scope="module")
+def raw_set(tmp_path_factory) -> tuple[ImageList, str, str]:
+    """Raw pixels (exact crop checks) with one truncated JPEG kept as a tombstone."""
+    base = tmp_path_factory.mktemp("ffcv_raw")
+    images = _write_tree(base / "src", 17, seed=2)
+    _truncate(images.files[5])
+    report = convert_to_beton(images, base / "raw.beton", max_resolution=64, write_mode="raw",
+                              num_workers=1, skip_corrupt=True)
+    assert [path for path, _ in report.skipped] == [images.files[5]]
+    return images, report.path, images.files[5]
+
+
+@pytest.fixture(scope="module")
+def loader(jpg_set) -> FfcvTwoViewLoader:
+    return FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=3, device="cpu", num_workers=1)
+
+
+def test_every_image_once_per_epoch_and_reshuffled(loader: FfcvTwoViewLoader) -> None:
+    assert len(loader) == N_IMAGES // BATCH
+    loader.set_epoch(0)
+    first, second = _labels_of(loader), _labels_of(loader)
+    assert sorted(first) == sorted(second) == list(range(N_IMAGES))
+    assert first != second
+    # The order is the shard_indices permutation every backend shares.
+    assert first == shard_indices(N_IMAGES, 0, 1, 0, 3, batch_size=BATCH).tolist()
+
+
+def test_ranks_read_disjoint_shards_covering_all(jpg_set) -> None:
+    seen = []
+    for rank in range(2):
+        shard = FfcvTwoViewLoader(jpg_set[1], SPEC, 4, rank=rank, world_size=2, seed=5, device="cpu", num_workers=1)
+        assert len(shard) == N_IMAGES // 2 // 4
+        labels = _labels_of(shard)
+        assert labels == shard_indices(N_IMAGES, rank, 2, 0, 5, batch_size=4).tolist()
+        seen += labels
+    assert sorted(seen) == list(range(N_IMAGES))
+
+
+def test_same_seed_same_batches_with_any_thread_count(loader: FfcvTwoViewLoader, jpg_set) -> None:
+    twin = FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=3, device="cpu", num_workers=2)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        twin.set_epoch(epoch)
+        ours = [(c.clone(), l.clone()) for c, l in loader.raw_batches()]
+        theirs = [(c.clone(), l.clone()) for c, l in twin.raw_batches()]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs, strict=True))
+    loader.set_epoch(0)
+    epoch0 = _crops_by_label(loader)
+    epoch1 = _crops_by_label(loader)
+    # New epoch, new crops for every image (the random stream is keyed by epoch).
+    assert all(not np.array_equal(epoch0[k], epoch1[k]) for k in epoch0)
+
+
+def test_views_follow_the_data_contract(loader: FfcvTwoViewLoader) -> None:
+    low = [(0 - m) / s for m, s in zip(SPEC.mean, SPEC.std)]
+    high = [(1 - m) / s for m, s in zip(SPEC.mean, SPEC.std)]
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    for view1, view2, labels in batches:
+        for view in (view1, view2):
+            assert view.shape == (BATCH, 3, SIZE, SIZE) and view.dtype == torch.float32
+            assert view.is_contiguous(memory_format=torch.channels_last)
+            for c in range(3):
+                assert low[c] - 1e-5 <= view[:, c].min() and view[:, c].max() <= high[c] + 1e-5
+        assert labels.dtype == torch.int64 and labels.shape == (BATCH,)
+        assert not torch.equal(view1, view2)
+
+
+def test_jpeg_crops_come_from_their_own_image(loader: FfcvTwoViewLoader, jpg_set) -> None:
+    """Each crop matches torchvision's resized_crop of its source on the same box, and not another image.
+
+    Tolerance: mean error < 5 levels for the JPEG path (source q95, stored q90, 4:2:0 chroma, ffcv's fast
+    IDCT; measured <= 3.2); the neighbouring image on its own box is far off (measured >= 51).
+    """
+    images = jpg_set[0]
+    loader.set_epoch(4)
+    crops = _crops_by_label(loader)
+    params = crop_params(SPEC)
+
+    def error(sample: int, source_index: int, view: int) -> float:
+        source = torch.from_numpy(np.array(load_rgb(images.files[source_index]))).permute(2, 0, 1)
+        box = sample_crop_box(source.shape[1], source.shape[2], *params[view], 3, 4, sample, view)
+        ref = TF.resized_crop(source, *box, [SIZE, SIZE], interpolation=MODES["bicubic"], antialias=True)
+        return float(np.abs(crops[sample][view].astype(int) - ref.permute(1, 2, 0).numpy().astype(int)).mean())
+
+    for sample in range(0, N_IMAGES, 4):
+        for view in range(2):
+            assert error(sample, sample, view) < 5.0
+            assert error(sample, (sample + 1) % N_IMAGES, view) > 20.0
+        assert not np.array_equal(crops[sample][0], crops[sample][1])
+
+
+def test_raw_crops_equal_torchvision_and_views_are_normalized_crops(raw_set) -> None:
+    images, path, _ = raw_set
+    geo = FfcvTwoViewLoader(path, GEOMETRY_SPEC, 4, seed=11, device="cpu", num_workers=1)
+    crops = _crops_by_label(geo)
+    params = crop_params(GEOMETRY_SPEC)
+    worst = 0
+    for sample, pair in crops.items():
+        source = torch.from_numpy(np.array(load_rgb(images.files[sample]))).permute(2, 0, 1)
+        for view in range(2):
+            box = sample_crop_box(source.shape[1], source.shape[2], *params[view], 11, 0, sample, view)
+            ref = TF.resized_crop(source, *box, [SIZE, SIZE], interpolation=MODES["bicubic"], antialias=True)
+            error = np.abs(pair[view].astype(int) - ref.permute(1, 2, 0).numpy().astype(int))
+            worst = max(worst, int(error.max()))
+            assert error.mean() < 0.05
+    assert worst <= 1
+    # Same epoch again through the colour stage (all colour ops off): view k == normalize(crop k / 255).
+    geo.set_epoch(0)
+    mean = torch.tensor(GEOMETRY_SPEC.mean).view(1, 3, 1, 1)
+    std = torch.tensor(GEOMETRY_SPEC.std).view(1, 3, 1, 1)
+    for view1, view2, labels in geo:
+        for k, view in enumerate((view1, view2)):
+            expected = torch.stack([torch.from_numpy(crops[int(s)][k]) for s in labels]).permute(0, 3, 1, 2)
+            torch.testing.assert_close(view, (expected / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_tombstone_of_corrupt_image_is_left_out(raw_set) -> None:
+    images, path, corrupt = raw_set
+    listed = Path(f"{path}.skipped.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(corrupt + "\t")
+    geo = FfcvTwoViewLoader(path, GEOMETRY_SPEC, 4, seed=11, device="cpu", num_workers=1)
+    assert geo.num_tombstones == 1 and len(geo) == (len(images) - 1) // 4
+    assert 5 not in geo.valid and len(geo.valid) == len(images) - 1
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("box,size", [((3, 7, 41, 29), 32), ((0, 0, 60, 50), 24), ((10, 2, 12, 9), 40),
+                                      ((5, 5, 32, 32), 32)])
+def test_resized_crop_matches_torchvision(box, size, interpolation) -> None:
+    image = _smooth_image(np.random.default_rng(7), 60, 50) // 2 + np.random.default_rng(8).integers(
+        0, 128, (60, 50, 3), dtype=np.uint8)  # smooth plus noise: exercises over/undershoot clamping
+    out = np.zeros((size, size, 3), np.uint8)
+    resized_crop_into(image, *box, out, interpolation == "bicubic")
+    ref = TF.resized_crop(torch.from_numpy(image).permute(2, 0, 1), *box, [size, size],
+                          interpolation=MODES[interpolation], antialias=True).permute(1, 2, 0).numpy()
+    error = np.abs(out.astype(int) - ref.astype(int))
+    assert error.max() <= 1 and error.mean() < 0.02
+
+
+def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    grid = np.sort(np.concatenate([a, b]))
+    cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    cdf_b = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+def test_crop_box_statistics_match_torchvision_and_spec() -> None:
+    """4000 boxes vs 4000 from torchvision's RandomResizedCrop.get_params: KS < 0.045 (alpha ~ 0.001)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    height, width, n = 300, 400, 4000
+    view = SPEC.view1
+    ours = np.array([sample_crop_box(height, width, *view.crop_scale, *view.crop_ratio, 9, 2, s, 0)
+                     for s in range(n)], dtype=np.float64)
+    torch.manual_seed(0)
+    theirs = np.array([RandomResizedCrop.get_params(torch.empty(3, height, width), list(view.crop_scale),
+                                                    list(view.crop_ratio)) for _ in range(n)], dtype=np.float64)
+    for boxes in (ours, theirs):
+        top, left, h, w = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area = lambda b: b[:, 2] * b[:, 3] / (height * width)  # noqa: E731
+    log_aspect = lambda b: np.log(b[:, 3] / b[:, 2])  # noqa: E731
+    centre_y = lambda b: (b[:, 0] + b[:, 2] / 2) / height  # noqa: E731
+    for stat in (area, log_aspect, centre_y):
+        assert _ks_statistic(stat(ours), stat(theirs)) < 0.045
+    # Within the spec, up to rounding w and h to pixels (sides >= 80 px here: < 1.3% per side).
+    assert area(ours).min() >= view.crop_scale[0] * 0.97 and area(ours).max() <= 1.0
+    assert np.exp(log_aspect(ours)).min() >= view.crop_ratio[0] * 0.98
+    assert np.exp(log_aspect(ours)).max() <= view.crop_ratio[1] * 1.02
+    # Seeds give independent streams.
+    assert sample_crop_box(height, width, 0.08, 1.0, 0.75, 4 / 3, 1, 0, 0, 0) != \
+        sample_crop_box(height, width, 0.08, 1.0, 0.75, 4 / 3, 2, 0, 0, 0)
+
+
+def test_crop_fallback_equals_torchvision() -> None:
+    """When ten tries fail, both take the largest centred crop within the aspect range."""
+    from torchvision.transforms import RandomResizedCrop
+
+    for height, width in ((10, 1000), (1000, 10)):
+        expected = RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [0.75, 4 / 3])
+        assert sample_crop_box(height, width, 0.9, 1.0, 0.75, 4 / 3, 0, 0, 0, 0) == tuple(expected)
+
+
+def test_corrupt_image_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
+    images = _write_tree(tmp_path / "src", 6, seed=4)
+    _truncate(images.files[2])
+    target = tmp_path / "out.beton"
+    with pytest.raises(CorruptImageError, match=r"img002\.jpg") as info:
+        convert_to_beton(images, target, max_resolution=64, num_workers=1)
+    assert "--skip-corrupt" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no output, no leftover partial file
+
+
+def test_existing_output_is_refused_unless_overwrite(jpg_set, tmp_path: Path, capsys) -> None:
+    images, path = jpg_set
+    before = Path(path).read_bytes()
+    with pytest.raises(DataError, match="--overwrite"):
+        convert_to_beton(images, path, max_resolution=64, num_workers=1)
+    assert Path(path).read_bytes() == before
+    # Through the console script: refused (status 2), then replaced with --overwrite.
+    source = str(Path(images.files[0]).parent.parent)
+    target = tmp_path / "cli.beton"
+    target.write_bytes(b"not yet")
+    args = ["convert-ffcv", source, str(target), "--max-resolution", "48", "--workers", "1"]
+    assert cli.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and target.read_bytes() == b"not yet"
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert f"{N_IMAGES} images" in capsys.readouterr().out
+    from ffcv.reader import Reader
+    stored = Reader(str(target)).metadata["f0"]
+    assert max(stored["width"].max(), stored["height"].max()) == 48  # --max-resolution took effect
+
+
+def test_bad_loader_inputs_are_clear_errors(tmp_path: Path, jpg_set) -> None:
+    with pytest.raises(DataError, match="convert-ffcv"):
+        FfcvTwoViewLoader(tmp_path / "missing.beton", SPEC, BATCH, device="cpu")
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"\x00" * 4096)
+    with pytest.raises(DataError, match="not a readable FFCV file"):
+        FfcvTwoViewLoader(junk, SPEC, BATCH, device="cpu")
+    with pytest.raises(DataError, match="too few"):
+        FfcvTwoViewLoader(jpg_set[1], SPEC, 16, world_size=3, device="cpu")
+    with pytest.raises(ValueError, match="rank"):
+        FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, rank=2, world_size=2, device="cpu")
+
+
+def test_quasi_random_order_reads_each_image_at_most_once(jpg_set) -> None:
+    quasi = FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=1, device="cpu", num_workers=1, order="quasi_random")
+    labels = _labels_of(quasi)
+    assert len(labels) == len(quasi) * BATCH == N_IMAGES and sorted(labels) == list(range(N_IMAGES))
+
+
+@pytest.mark.cuda
+def test_cuda_views_into_static_buffers_without_host_sync(jpg_set, forbid_host_sync) -> None:
+    out = tuple(torch.empty(BATCH, 3, SIZE, SIZE, dtype=torch.bfloat16, device="cuda")
+                .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    gpu = FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=3, device="cuda", out=out)
+    cpu = FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=3, device="cpu", num_workers=1)
+    expected_labels = _labels_of(cpu)
+    seen = []
+    with forbid_host_sync():
+        for view1, view2, labels in gpu:
+            assert view1 is out[0] and view2 is out[1] and labels.device.type == "cuda"
+            seen.append(labels.clone())
+    assert torch.cat(seen).tolist() == expected_labels
+    assert torch.isfinite(out[0].float()).all() and out[0].float().std() > 0.1
