@@ -1,0 +1,405 @@
+"""BYOL pretraining: `byol-fast train`, `python -m byol_fast.train`, `torchrun --nproc_per_node=N -m byol_fast.train`.
+
+    byol-fast train --preset demo                         # minutes on a CPU laptop, built-in data
+    torchrun --nproc_per_node=8 -m byol_fast.train --preset imagenet-300ep --data /imagenet/train
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        --max-restarts=3 -m byol_fast.train --preset imagenet-1000ep --data /imagenet/train
+
+Settings resolve as defaults -> --preset -> --config FILE -> flags and --set KEY=VALUE
+(see byol_fast/config.py); impossible ones fail before any model is built.
+
+Resuming: `--resume auto` (the default) continues from the newest checkpoint in
+run_dir (model, target, optimizer, step counter, RNG states and the pipeline's
+position: the epoch and the batch within it, reached again through the seeded
+sharding), or starts fresh when there is none. So when torchrun restarts
+failed workers (`--max-restarts`), they pick up where the last checkpoint left
+off with no extra flag.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) finish the current step, save a
+checkpoint and exit; all ranks agree on the step through a small gloo
+collective each step. SIGTERM exits 0, so a preempted job counts as a clean
+stop and its resubmission (same command) resumes; SIGINT exits 130. torchrun
+forwards signals to its workers and waits 30 s before killing them, ample for
+a checkpoint. Exit codes: 0 done or stopped by SIGTERM, 1 training failed
+(e.g. a non-finite loss: the message names the step and the last good
+checkpoint, and no checkpoint of the bad state is written), 2 bad
+configuration, 130 stopped by SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from byol_fast.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, check_compatible,
+                                  resolve_resume, restore_rng_state)
+from byol_fast.config import TrainConfig, available_presets, field_docs, field_types, parse_value, resolve_config
+from byol_fast.cross_rank_bn import convert_sync_batchnorm
+from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module, cleanup,
+                                   gather_objects, init_distributed, world_from_env)
+from byol_fast.lars import LARS
+from byol_fast.model import BYOL
+from byol_fast.run_log import RunLogger, byol_step_flops_per_image, mfu
+from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
+from byol_fast.step import TrainStep
+from pipelines.factory import build_train_loader, resolve_backend
+from pipelines.spec import AugmentationSpec
+from pipelines.synthetic import MANIFEST, make_synthetic
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Settings a resumed run must share with its checkpoint: they fix the model's shape, the schedules
+# and what "batch b of epoch e" means. The world size may change (checkpoints are rank-agnostic).
+RESUME_KEYS = ("arch", "image_size", "projection_size", "projection_hidden_size", "prediction_hidden_size",
+               "global_batch", "epochs", "warmup_epochs", "base_lr", "weight_decay", "momentum", "eta",
+               "tau_base", "seed")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says why and what to do."""
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """`byol-fast train` flags: --preset, --config, --set and one flag per TrainConfig field."""
+    parser = argparse.ArgumentParser(prog="byol-fast train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--preset", help=f"start from a shipped preset: {', '.join(available_presets())}")
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings applied after the preset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting by its name (repeatable), e.g. --set base_lr=0.3")
+    docs, types_ = field_docs(), field_types()
+    for field in fields(TrainConfig):
+        if field.name == "preset":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if types_[field.name] in (bool, bool | None):
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=docs.get(field.name))
+        else:
+            parser.add_argument(flag, dest=field.name, type=_typed(field.name), default=argparse.SUPPRESS,
+                                metavar=field.name.upper(), help=f"{docs.get(field.name)} (default: {field.default})")
+    return parser
+
+
+def _typed(name: str):
+    """An argparse `type` converting a flag's text to the field's type ('none' for optional fields)."""
+    def convert(text: str):
+        return parse_value(name, text)
+    convert.__name__ = str(field_types()[name])
+    return convert
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve the preset, config file, --set pairs and flags (flags win over --set) into a TrainConfig."""
+    overrides = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r} must look like KEY=VALUE, e.g. --set base_lr=0.3")
+        overrides[key.strip()] = parse_value(key.strip(), value)
+    overrides.update({k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")})
+    return resolve_config(args.preset, args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `byol-fast train` and `python -m byol_fast.train`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        _, world_size, _ = world_from_env()
+        device_kind = config.resolved_device()
+        config.validate(world_size, device_kind)
+        resolve_backend(config.data_backend, torch.device(device_kind))  # a missing extra fails here
+        resume_path = _resume_path(config)
+    except (ValueError, CheckpointError) as error:
+        print(f"byol-fast train: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return run(config, device_kind, resume_path)
+
+
+def _resume_path(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None: fresh); refuses to start fresh over another run's checkpoints."""
+    manager = CheckpointManager(config.run_dir, keep_last=config.keep_checkpoints)
+    if config.resume is None and manager.latest() is not None:
+        raise ValueError(f"run_dir {config.run_dir} already holds checkpoints (newest {manager.latest()}) and "
+                         f"resume is off: pass --resume auto to continue that run, or a new --run-dir")
+    return resolve_resume(config.resume, config.run_dir)
+
+
+# ---- set-up helpers -----------------------------------------------------------------------------
+
+def ensure_synthetic_data(config: TrainConfig, info: DistInfo) -> None:
+    """Write the built-in data on rank 0 when the config asks for it and it is missing; others wait."""
+    if config.synthetic_images == 0:
+        return
+    train = Path(config.data).expanduser()
+    root = train.parent
+    if info.is_main and not train.exists():
+        total = config.synthetic_images + config.synthetic_val_images
+        print(f"byol-fast train: writing {total} synthetic images to {root} (first use only)", file=sys.stderr)
+        make_synthetic(root, images=total, val_fraction=config.synthetic_val_images / total,
+                       workers=max(1, min(config.workers, 8)))
+    elif info.is_main and not (root / MANIFEST).is_file():
+        raise ValueError(f"{root} holds an incomplete synthetic tree (no {MANIFEST}; an earlier write was "
+                         f"interrupted): delete {root} and run again")
+    barrier(info)
+
+
+def measure_peak_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    """Dense bf16 matmul TFLOP/s of one CUDA device: the practical peak MFU is quoted against (start-up sync)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * size ** 3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StopSignals:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can save a checkpoint at a step boundary.
+
+    Later signals are ignored (torchrun forwards the terminal's Ctrl-C, which
+    would otherwise count twice); the loop reacts within one step.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+class Trainer:
+    """Builds everything for one run from a validated config, then `train()` runs the loop."""
+
+    def __init__(self, config: TrainConfig, info: DistInfo, resume_path: Path | None) -> None:
+        self.config, self.info = config, info
+        device = info.device
+        torch.manual_seed(config.seed)  # the same initial weights on every rank (and broadcast below)
+        ensure_synthetic_data(config, info)
+        self.global_batch = config.global_batch
+        per_rank_batch = config.global_batch // info.world_size
+        learner = BYOL(config.arch, image_size=config.image_size, hidden_layer="avgpool",
+                       projection_size=config.projection_size, projection_hidden_size=config.projection_hidden_size,
+                       prediction_hidden_size=config.prediction_hidden_size, tau=config.tau_base).to(device)
+        if info.distributed:
+            learner = convert_sync_batchnorm(learner, device)
+            broadcast_module(learner, info)
+        self.learner = learner
+        self.optimizer = LARS(learner.trainable_parameters(), lr=0.0, momentum=config.momentum,
+                              weight_decay=config.weight_decay, eta=config.eta)
+        self.cuda_graph = config.resolved_cuda_graph(device.type)
+        self.precision = config.resolved_precision(device.type)
+        self.step = TrainStep(learner, self.optimizer, batch_size=per_rank_batch, image_size=config.image_size,
+                              device=device, precision=self.precision,
+                              channels_last=config.resolved_channels_last(device.type), cuda_graph=self.cuda_graph,
+                              compile=config.compile, accumulation_steps=config.accumulation_steps)
+        spec = AugmentationSpec(image_size=config.image_size)
+        self.loader = build_train_loader(config.data_backend, config.data, spec, per_rank_batch, rank=info.rank,
+                                         world_size=info.world_size, seed=config.seed, device=device,
+                                         dtype=self.step.input_dtype, workers=config.workers, out=self.step.inputs)
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
+        self.lr_at = WarmupCosineLR(scaled_lr(config.base_lr, config.global_batch), self.total_steps,
+                                    config.warmup_epochs * self.steps_per_epoch)
+        self.tau_at = CosineTau(config.tau_base, self.total_steps)
+        self.meta = {**{key: getattr(config, key) for key in RESUME_KEYS}, "steps_per_epoch": self.steps_per_epoch}
+        self.manager = CheckpointManager(config.run_dir, keep_last=config.keep_checkpoints)
+        self.completed = 0  # optimizer steps done, over the whole run (resumes included)
+        if resume_path is not None:
+            self._restore(resume_path)
+        self.flags = HostFlagReducer(info)
+        self.flops_per_image = byol_step_flops_per_image(
+            config.arch, config.image_size, projection_size=config.projection_size,
+            projection_hidden_size=config.projection_hidden_size,
+            prediction_hidden_size=config.prediction_hidden_size) if info.is_main else 0.0
+        peak = config.peak_tflops or (measure_peak_tflops(device) if device.type == "cuda" and info.is_main else None)
+        self.peak_flops = peak * 1e12 if peak else None
+
+    def describe(self) -> dict:
+        """What the config resolved to on this machine (recorded in config.json)."""
+        return {"device": str(self.info.device), "world_size": self.info.world_size,
+                "per_rank_batch": self.global_batch // self.info.world_size, "backend": self.loader.backend,
+                "precision": self.precision, "cuda_graph": self.cuda_graph, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "stop_step": self.stop_step, "peak_lr": self.lr_at.peak_lr,
+                "flops_per_image": self.flops_per_image, "peak_tflops": self.peak_flops and self.peak_flops / 1e12}
+
+    # -- checkpoints --
+
+    def _restore(self, path: Path) -> None:
+        state = self.manager.load(path)
+        check_compatible(state, self.meta, path)
+        try:
+            self.learner.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({error}): resume with "
+                                  f"the settings that wrote it, or start a new --run-dir") from error
+        self.step.load_state_dict(state["train_step"])
+        self.completed = int(state["step"])
+        rng = state.get("rng", [])
+        if len(rng) == self.info.world_size:
+            restore_rng_state(rng[self.info.rank])
+        elif self.info.is_main:
+            print(f"byol-fast train: {path} was written by {len(rng)} ranks, this run has {self.info.world_size}: "
+                  f"RNG states start fresh (data order and weights are unaffected)", file=sys.stderr)
+
+    def save(self) -> Path | None:
+        """Checkpoint the current (finite, just-checked) state; collective: every rank calls it."""
+        rng = gather_objects(capture_rng_state(), self.info)
+        failure = None
+        path = None
+        if self.info.is_main:
+            epoch, batch = divmod(self.completed, self.steps_per_epoch)
+            state = {"model": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "train_step": self.step.state_dict(), "rng": rng, "meta": self.meta,
+                     "position": {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch},
+                     "schedules": {"peak_lr": self.lr_at.peak_lr, "warmup_steps": self.lr_at.warmup_steps,
+                                   "total_steps": self.total_steps, "tau_base": self.tau_at.tau_base},
+                     "world_size": self.info.world_size, "config": self.config.to_dict()}
+            try:
+                path = self.manager.save(self.completed, state)
+            except ValueError as error:  # NaN/inf in the weights: nothing was written
+                failure = str(error)
+        if self.flags.any(failure is not None):
+            raise TrainingError(failure or f"rank 0 could not save the step-{self.completed} checkpoint")
+        return path
+
+    # -- the loop --
+
+    def train(self, logger: RunLogger, stop: StopSignals) -> int:
+        """Run from `self.completed` to `self.stop_step`; returns the exit code (raises TrainingError)."""
+        window_start, data_wait = time.perf_counter(), 0.0
+        last_saved = self.completed
+        lr_tensor = self.optimizer.param_groups[0]["lr"]
+        while self.completed < self.stop_step:
+            epoch, start = divmod(self.completed, self.steps_per_epoch)
+            end = min(self.steps_per_epoch, start + self.stop_step - self.completed)
+            with contextlib.closing(self.loader.batches(epoch, start)) as batches:
+                for _ in range(start, end):
+                    waited = time.perf_counter()
+                    views = next(batches, None)
+                    data_wait += time.perf_counter() - waited
+                    if views is None:
+                        raise TrainingError(f"the {self.loader.backend} backend ended epoch {epoch} before its "
+                                            f"{self.steps_per_epoch} batches: the data changed during the run?")
+                    # Schedules: host floats written into the device tensors the (captured) step reads.
+                    lr_tensor.fill_(self.lr_at(self.completed))
+                    self.learner.tau.fill_(self.tau_at(self.completed))
+                    self.step(*views)
+                    self.completed += 1
+                    k = self.completed
+                    stopping = self.flags.any(stop.received is not None)  # host collective, no device sync
+                    every = self.config.checkpoint_every
+                    checkpoint_due = stopping or k == self.stop_step or (every > 0 and k % every == 0)
+                    if checkpoint_due or k % self.config.log_every == 0:
+                        self._log(logger, k, time.perf_counter() - window_start, data_wait)
+                        window_start, data_wait = time.perf_counter(), 0.0
+                    if checkpoint_due:
+                        path = self.save()
+                        last_saved = k
+                        if self.info.is_main:
+                            print(f"byol-fast train: saved {path}", file=sys.stderr)
+                        window_start = time.perf_counter()  # checkpoint time is not training throughput
+                    if stopping:
+                        code = EXIT_INTERRUPTED if stop.received == signal.SIGINT else EXIT_OK
+                        if self.info.is_main:
+                            print(f"byol-fast train: stopped by a signal at step {k}; run the same command "
+                                  f"(--resume auto) to continue", file=sys.stderr)
+                        return code
+        if last_saved != self.completed:  # e.g. a resumed run that was already complete saves nothing new
+            self.save()
+        return EXIT_OK
+
+    def _log(self, logger: RunLogger, k: int, seconds: float, data_wait: float) -> None:
+        """Read the device metrics (the loop's one host-device sync), agree across ranks, and log."""
+        metrics = self.step.read_metrics()  # SYNC: waits for the queued steps to finish
+        steps = metrics["steps"]
+        bad = metrics["first_nonfinite_step"]
+        loss_sum, = all_reduce_host([metrics["loss"] * steps], self.info, "sum")
+        first_bad, = all_reduce_host([float("inf") if bad is None else float(bad)], self.info, "min")
+        if first_bad != float("inf"):
+            raise TrainingError(
+                f"the loss became non-finite at step {int(first_bad) + 1} (counting from 1, as metrics.jsonl "
+                f"does); the last good checkpoint is {self.manager.latest() or 'none (none was saved yet)'}. "
+                f"Lower --base-lr, use --precision fp32, or check the data, then resume from that checkpoint")
+        images_per_s = steps * self.global_batch / seconds if seconds > 0 and steps else 0.0
+        record = {"loss": loss_sum / max(steps, 1) / self.info.world_size, "lr": self.lr_at(k - 1),
+                  "tau": self.tau_at(k - 1), "epoch": k / self.steps_per_epoch, "images_per_s": images_per_s,
+                  "step_ms": 1e3 * seconds / max(steps, 1), "data_wait_pct": 100.0 * data_wait / max(seconds, 1e-9),
+                  "memory_gib": memory_gib(self.info.device)}
+        if self.peak_flops and self.flops_per_image and images_per_s:
+            record["mfu"] = mfu(images_per_s, self.flops_per_image, self.peak_flops * self.info.world_size)
+        logger.log(k, record)
+
+
+def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
+    """Initialize the process group, build the Trainer, run it, and always clean up; returns the exit code."""
+    info = init_distributed(device_kind)
+    trainer = logger = stop = None
+    try:
+        trainer = Trainer(config, info, resume_path)
+        logger = RunLogger(config.run_dir, {**config.to_dict(), "resolved": trainer.describe()}, info.rank,
+                           trainer.stop_step, tensorboard=config.tensorboard, images_per_step=config.global_batch)
+        if info.is_main:
+            print(f"byol-fast train: {config.arch} at {config.image_size}px, global batch {config.global_batch} "
+                  f"({info.world_size} rank(s)), {trainer.loader.backend} data on {info.device}, {trainer.precision}"
+                  f", cuda graph {'on' if trainer.cuda_graph else 'off'}; steps {trainer.completed} -> "
+                  f"{trainer.stop_step} of {trainer.total_steps}", file=sys.stderr)
+        stop = StopSignals()
+        return trainer.train(logger, stop)
+    except (ValueError, CheckpointError) as error:  # DataError, bad checkpoints, problems found while building
+        print(f"byol-fast train: error: {error}", file=sys.stderr)
+        return EXIT_USAGE if logger is None else EXIT_FAILED
+    except TrainingError as error:
+        print(f"byol-fast train: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if stop is not None:
+            stop.restore()
+        if logger is not None:
+            logger.close()
+        if trainer is not None:
+            trainer.loader.close()
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The run loop on CPU: kill/SIGTERM and resume end where an uninterrupted run ends, a non-finite loss stops
+the run naming the step and keeps the last good checkpoint, bad checkpoints are refused and never overwritten."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from byol_fast import train
+from byol_fast.checkpoint import CheckpointManager
+from pipelines.sources import shard_indices
+from pipelines.synthetic import make_synthetic
+from pipelines.views_loader import save_views
+
+REPO = Path(__file__).resolve().parents[1]
+# 24 images, global batch 8: 3 steps per epoch, 9 in all; checkpoints at 2, 4, 6, 8 (mostly mid-epoch) and 9.
+COMMON = ["--arch", "resnet18", "--image-size", "32", "--global-batch", "8", "--warmup-epochs", "1",
+          "--projection-hidden-size", "64", "--prediction-hidden-size", "64", "--workers", "0",
+          "--no-tensorboard", "--device", "cpu"]
+RUN = COMMON + ["--epochs", "3", "--data-backend", "torchvision", "--log-every", "1", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread, as the subprocesses get (OMP_NUM_THREADS=1): the same float results, no contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(root, images=24, classes=4)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run: its directory and final checkpoint."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir, torch.load(run_dir / "checkpoints" / "step_00000009.pt")
+
+
+def _assert_same_state(state: dict, expected: dict) -> None:
+    assert state["step"] == expected["step"]
+    for name, tensor in expected["model"].items():
+        assert torch.equal(state["model"][name], tensor), name
+    for key, entry in expected["optimizer"]["state"].items():
+        assert torch.equal(state["optimizer"]["state"][key]["momentum_buffer"], entry["momentum_buffer"]), key
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "byol_fast.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def test_reference_run_records_everything(reference):
+    run_dir, final = reference
+    assert final["position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 3}
+    assert final["train_step"]["step"] == 9 and len(final["rng"]) == 1
+    assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [6, 8, 9]  # keep_checkpoints=3
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 9
+    for key in ("config.json", "provenance.json"):
+        assert (run_dir / key).is_file()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_an_uninterrupted_run_ends(data, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    process = _start(RUN + ["--data", str(data), "--run-dir", str(run_dir)])
+    manager = CheckpointManager(run_dir)
+    _wait_for(lambda: manager.latest() is not None and manager.latest().name >= "step_00000004.pt", process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    killed_at = int(manager.latest().stem.split("_")[1])
+    assert 4 <= killed_at < 9
+    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 0  # --resume auto (default)
+    _assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_resume_continues(data, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # No periodic checkpoints: the only one before the end is the one the signal makes.
+    args = RUN[:-2] + ["--checkpoint-every", "0", "--data", str(data), "--run-dir", str(run_dir)]
+    process = _start(args)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = CheckpointManager(run_dir).checkpoints()
+    assert len(saved) == 1 and 2 <= saved[0][0] < 9
+    assert f"stopped by a signal at step {saved[0][0]}" in stderr
+    assert train.main(args) == 0
+    assert f"steps {saved[0][0]} -> 9 of 9" in capsys.readouterr().err
+    _assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
+
+
+def test_finished_run_is_not_restarted_or_mixed(data, reference, capsys):
+    run_dir, _ = reference
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
+    assert "steps 9 -> 9 of 9" in capsys.readouterr().err
+    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir), "--resume", "none"]) == 2
+    error = capsys.readouterr().err
+    assert "already holds checkpoints" in error and "pass --resume auto to continue that run" in error
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_incompatible_checkpoint_names_what_differs(data, reference, tmp_path, capsys):
+    checkpoint = reference[0] / "checkpoints" / "step_00000009.pt"
+    args = RUN + ["--data", str(data), "--run-dir", str(tmp_path), "--resume", str(checkpoint)]
+    assert train.main(args + ["--global-batch", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "does not match the current configuration (global_batch: checkpoint 8, current 4" in error
+    assert str(checkpoint) in error
+
+
+def test_corrupt_checkpoint_is_refused_and_never_overwritten(data, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for step in (6, 8):
+        source = reference[0] / "checkpoints" / f"step_{step:08d}.pt"
+        (run_dir / "checkpoints" / source.name).write_bytes(source.read_bytes())
+    newest = run_dir / "checkpoints" / "step_00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # truncated, as by a full disk
+    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read checkpoint {newest}: it is truncated or corrupt" in error
+    assert "--resume " + str(run_dir / "checkpoints" / "step_00000006.pt") in error
+    assert newest.stat().st_size == 5000
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(2)]
+    # Batch-major order (pipelines/views_loader.py): step k of epoch 0 reads order[4k : 4k + 4].
+    order = shard_indices(16, 0, 1, epoch=0, seed=0, batch_size=4)
+    views[0][order[9]] = float("nan")  # poisons step 3 (counting from 1)
+    save_views(tmp_path / "views.pt", *views)
+    run_dir = tmp_path / "run"
+    args = COMMON + ["--global-batch", "4", "--epochs", "2", "--data-backend", "views",
+                     "--data", str(tmp_path / "views.pt"), "--run-dir", str(run_dir),
+                     "--log-every", "4", "--checkpoint-every", "2"]
+    assert train.main(args) == 1
+    error = capsys.readouterr().err
+    good = run_dir / "checkpoints" / "step_00000002.pt"
+    assert "the loss became non-finite at step 3" in error
+    assert f"the last good checkpoint is {good}" in error
+    # Found at step 4's checkpoint (the first read after step 3): nothing from step 3 on was written.
+    assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [2]
+    state = torch.load(good)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
