@@ -7,10 +7,10 @@ loaders are exercised as on the real thing, and a small CNN can still learn the
 classes through BYOL's augmentations.
 
 A class is a combination of factors that survive those augmentations: the
-shape family of its objects (disk, ring, star, ...), then, when more than 10
-classes are asked for, the fill pattern (solid, stripes, checker, dots), then
-the layout (one large object, a few, many small). A factor that does not define
-the class is drawn at random per image. Colours, positions, scales,
+shape family of its objects (disk, ring, star, ...), their fill pattern
+(solid, stripes, checker, dots; a local cue that survives tight crops) and,
+beyond 40 classes, the layout (one large object, a few, many small; otherwise
+random per image). Colours, positions, scales,
 rotations, background and clutter are random per image, so colour alone never
 identifies a class (colour jitter and grayscale would destroy such a cue); the
 foreground always differs from the background in luminance, so shapes survive
@@ -43,7 +43,7 @@ MANIFEST = "synthetic.json"
 
 # (objects per image, object radius as a fraction of the short side) for each layout.
 _LAYOUT_RANGES = {"single": ((1, 1), (0.25, 0.42)), "few": ((2, 4), (0.13, 0.22)), "many": ((6, 12), (0.06, 0.11))}
-_OCTAVES = ((150, 40), (24, 25), (5, 20))
+_OCTAVES = ((150, 30), (24, 12), (4, 16))
 """(cell size in pixels, amplitude in 8-bit units) of the background texture's layers, coarse to fine."""
 _GRAIN = 16
 """Half-width of the per-pixel uniform grain (8-bit units); with the texture it sets the JPEG size
@@ -63,21 +63,24 @@ class SyntheticSummary:
 
 
 def class_factors(label: int, num_classes: int) -> dict[str, int | None]:
-    """Which family / fill / layout index defines class `label`; None where the factor is random per image."""
-    family = label % len(FAMILIES)
-    fill = (label // len(FAMILIES)) % len(FILLS) if num_classes > len(FAMILIES) else None
-    layout = label // (len(FAMILIES) * len(FILLS)) if num_classes > len(FAMILIES) * len(FILLS) else None
-    return {"family": family, "fill": fill, "layout": layout}
+    """Which family / fill / layout index defines class `label`; layout None where it is random per image.
+
+    Writing label = 10 a + b: family b, fill (a + b) mod 4, layout a // 4
+    (only beyond 40 classes). Every class has its own (family, fill,
+    layout); with 10 classes the fill is a second, local cue that a crop
+    showing only part of an object still carries.
+    """
+    a, b = divmod(label, len(FAMILIES))
+    layout = a // len(FILLS) if num_classes > len(FAMILIES) * len(FILLS) else None
+    return {"family": b, "fill": (a + b) % len(FILLS), "layout": layout}
 
 
 def class_names(num_classes: int) -> list[str]:
-    """Folder names, sorted in label order: "c003_triangle", "c017_star_stripes", ..."""
+    """Folder names, sorted in label order: "c003_triangle_dots", "c017_hexagon_stripes", ..."""
     names = []
     for label in range(num_classes):
         factors = class_factors(label, num_classes)
-        parts = [f"c{label:03d}", FAMILIES[factors["family"]]]
-        if factors["fill"] is not None:
-            parts.append(FILLS[factors["fill"]])
+        parts = [f"c{label:03d}", FAMILIES[factors["family"]], FILLS[factors["fill"]]]
         if factors["layout"] is not None:
             parts.append(LAYOUTS[factors["layout"]])
         names.append("_".join(parts))
@@ -175,7 +178,7 @@ def render_image(label: int, num_classes: int, seed: int, index: int) -> np.ndar
         width, height = height, width
     factors = class_factors(label, num_classes)
     family = FAMILIES[factors["family"]]
-    fill = FILLS[factors["fill"] if factors["fill"] is not None else rng.integers(len(FILLS))]
+    fill = FILLS[factors["fill"]]
     layout = LAYOUTS[factors["layout"] if factors["layout"] is not None else rng.integers(len(LAYOUTS))]
     bg, fg = _colour_pair(rng)
     fg2 = np.clip(fg + rng.choice([-1, 1]) * rng.uniform(60, 120, 3), 0, 255)  # second fill colour, same side of bg

@@ -63,7 +63,8 @@ def test_deterministic_under_seed_and_workers(tmp_path: Path, tree: tuple[Path, 
     pixels = render_image(3, 10, seed=1, index=3)
     encoded = io.BytesIO()
     Image.fromarray(pixels).save(encoded, format="JPEG", quality=95)
-    assert (root / "train" / "c003_triangle" / "c003_triangle_0000003.JPEG").read_bytes() == encoded.getvalue()
+    written = root / "train" / "c003_triangle_dots" / "c003_triangle_dots_0000003.JPEG"
+    assert written.read_bytes() == encoded.getvalue()
     assert not np.array_equal(pixels, render_image(3, 10, seed=2, index=3))
 
 
@@ -80,12 +81,13 @@ def test_colour_does_not_identify_the_class() -> None:
 
 
 def test_class_factors_cover_distinct_combinations() -> None:
-    assert class_factors(3, 10) == {"family": 3, "fill": None, "layout": None}
-    assert class_factors(17, 40) == {"family": 7, "fill": 1, "layout": None}
+    assert class_factors(3, 10) == {"family": 3, "fill": 3, "layout": None}
+    assert class_factors(17, 40) == {"family": 7, "fill": 0, "layout": None}
+    assert class_factors(17, 41) == {"family": 7, "fill": 0, "layout": 0}
     combos = {tuple(class_factors(k, MAX_CLASSES).values()) for k in range(MAX_CLASSES)}
     assert len(combos) == MAX_CLASSES == 120
     names = class_names(MAX_CLASSES)
-    assert names == sorted(names) and len(set(names)) == 120 and names[17] == "c017_hexagon_stripes_single"
+    assert names == sorted(names) and len(set(names)) == 120 and names[17] == "c017_hexagon_solid_single"
 
 
 def test_refuses_foreign_or_existing_trees(tmp_path: Path) -> None:
