@@ -1,0 +1,219 @@
+"""Rebuild the benchmark pages and the README's performance table from benchmarks/results/*.json.
+
+    python -m benchmarks.report                 # rewrite results/*.md (+ .png), results/index.md, README table
+    python -m benchmarks.report --no-readme     # leave README.md alone
+
+The README table sits between `<!-- perf-table:start -->` and `<!-- perf-table:end -->`;
+nothing outside the markers is touched. It puts each target of the benchmarks issue
+beside the newest GPU measurement of it and says by how much a missed target is
+missed; CPU results (small mode) add the orderings they recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, render_markdown, write_plot
+
+README = RESULTS_DIR.parents[1] / "README.md"
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+E2E_TARGET = 3000.0
+"""Images/s per H100, ResNet-50 BYOL at 224 (about 24% MFU at ~65 GFLOP/image and ~800 TFLOP/s)."""
+PEER_TARGET = 3.0
+"""Speedup over lucidrains' byol-pytorch on the same GPU and batch."""
+PIPELINE_TARGET = 1.5
+"""Best data pipeline's images/s over the training step's images/s."""
+DATA_WAIT_TARGET = 5.0
+"""Percent of the training loop spent waiting on data."""
+NOT_MEASURED = "not measured yet: run benchmarks/run_gpu_sweep.sh on a GPU"
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Every result document under `results_dir`, with its file name under "_file", in name order."""
+    documents = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if "benchmark" in document and "rows" in document:
+            document["_file"] = path.name
+            documents.append(document)
+    return documents
+
+
+def latest(documents: list[dict], benchmark: str, gpu: bool) -> dict | None:
+    """The newest result of `benchmark` measured on a GPU (gpu=True) or a CPU."""
+    matching = [d for d in documents if d["benchmark"] == benchmark and (d["device"]["type"] == "cuda") == gpu]
+    return max(matching, key=lambda d: (d["started_utc"], d["_file"]), default=None)
+
+
+def ok_rows(document: dict | None, **match: Any) -> list[dict]:
+    """The rows of `document` with status "ok" whose fields equal `match`."""
+    if document is None:
+        return []
+    return [r for r in document["rows"] if r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items())]
+
+
+def verdict(measured: float, target: float, higher_is_better: bool = True) -> str:
+    """"met" or "missed by N%" (relative), for the table's last column."""
+    if (measured >= target) if higher_is_better else (measured <= target):
+        return "met"
+    if higher_is_better:
+        return f"missed by {100 * (1 - measured / target):.0f}%"
+    return f"missed by {measured - target:.1f} points"
+
+
+def source(document: dict) -> str:
+    """Where a number comes from: the device and the result file."""
+    return f"{document['device']['name']}, [{document['_file']}](benchmarks/results/{document['_file']})"
+
+
+def gpu_rows(documents: list[dict]) -> list[list[str]]:
+    """The target rows: [measure, target, measured, verdict, source]."""
+    e2e, peers = latest(documents, "e2e", True), latest(documents, "peers", True)
+    pipeline, step = latest(documents, "pipeline", True), latest(documents, "step", True)
+    rows = []
+    best = max(ok_rows(e2e, arch="resnet50", image_size=224), key=lambda r: r["images_per_s"], default=None)
+    e2e_name = "End-to-end ResNet-50 BYOL at 224 from JPEGs, images/s per GPU"
+    wait_name = "Data wait in the end-to-end loop (GPU idle for data)"
+    if best:
+        rows.append([e2e_name, f">= {E2E_TARGET:,.0f} (~24% MFU)",
+                     f"{best['images_per_s']:,.0f} ({best['mfu']:.1%} MFU; {best['backend']}, batch {best['batch']})",
+                     verdict(best["images_per_s"], E2E_TARGET), source(e2e)])
+        rows.append([wait_name, f"< {DATA_WAIT_TARGET:.0f}%", f"{best['data_wait_pct']:.1f}% ({best['backend']})",
+                     verdict(best["data_wait_pct"], DATA_WAIT_TARGET, higher_is_better=False), source(e2e)])
+    else:
+        rows += [[e2e_name, f">= {E2E_TARGET:,.0f} (~24% MFU)", NOT_MEASURED, "—", "—"],
+                 [wait_name, f"< {DATA_WAIT_TARGET:.0f}%", NOT_MEASURED, "—", "—"]]
+    peer_name = "Speedup over lucidrains' byol-pytorch (same GPU, encoder, batch)"
+    speedup = peers.get("speedup_vs_byol_pytorch") if peers else None
+    if speedup:
+        rows.append([peer_name, f">= {PEER_TARGET:.0f}x",
+                     f"{speedup:.2f}x ({peers['settings']['arch']}, batch {peers['settings']['batch']})",
+                     verdict(speedup, PEER_TARGET), source(peers)])
+    else:
+        rows.append([peer_name, f">= {PEER_TARGET:.0f}x", NOT_MEASURED, "—", "—"])
+    pipe_name = "Data pipeline speed over the step's (best backend / bf16+graph step)"
+    fastest_pipe = max(ok_rows(pipeline, image_size=224), key=lambda r: r["images_per_s"], default=None)
+    step_row = None
+    if fastest_pipe:
+        step_row = next(iter(ok_rows(step, arch="resnet50", image_size=224, batch=fastest_pipe["batch"],
+                                     variant="bf16+graph")), None)
+    if fastest_pipe and step_row:
+        ratio = fastest_pipe["images_per_s"] / step_row["images_per_s"]
+        rows.append([pipe_name, f">= {PIPELINE_TARGET}x",
+                     f"{ratio:.2f}x ({fastest_pipe['backend']} {fastest_pipe['images_per_s']:,.0f}/s vs step "
+                     f"{step_row['images_per_s']:,.0f}/s, batch {fastest_pipe['batch']})",
+                     verdict(ratio, PIPELINE_TARGET), f"{source(pipeline)}; {source(step)}"])
+    else:
+        rows.append([pipe_name, f">= {PIPELINE_TARGET}x", NOT_MEASURED, "—", "—"])
+    for graph in ok_rows(step, arch="resnet50", image_size=224, variant="bf16+graph"):
+        rows.append([f"Step alone, ResNet-50 at 224, batch {graph['batch']} (bf16+graph)", "—",
+                     f"{graph['images_per_s']:,.0f} ({graph['mfu']:.1%} MFU)", "—", source(step)])
+    return rows
+
+
+def cpu_rows(documents: list[dict]) -> list[list[str]]:
+    """Informational rows from the newest CPU small-mode results: the orderings they recorded."""
+    rows = []
+    step = latest(documents, "step", False)
+    if step and step.get("ordering"):
+        for group, order in step["ordering"].items():
+            rows.append([f"CPU small mode: step variants, {group} (fastest first)", "—", " > ".join(order), "—",
+                         source(step)])
+    pipeline = latest(documents, "pipeline", False)
+    if pipeline and pipeline.get("ordering"):
+        rows.append(["CPU small mode: data backends (fastest first)", "—", " > ".join(pipeline["ordering"]), "—",
+                     source(pipeline)])
+    return rows
+
+
+def perf_table(documents: list[dict]) -> str:
+    """The README's performance table (Markdown), a pure function of the result documents."""
+    lines = ["| measure | target | measured | vs target | device and result |", "|---|---|---|---|---|"]
+    for row in gpu_rows(documents) + cpu_rows(documents):
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between_markers(text: str, table: str, path: Path) -> str:
+    """`text` with everything between the perf-table markers replaced by `table`."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no '{START}' ... '{END}' pair: add the two markers on their own lines "
+                         f"where the performance table belongs, or pass --no-readme")
+    return text[:start + len(START)] + "\n" + table + text[end:]
+
+
+def rebuild_pages(documents: list[dict], results_dir: Path) -> list[Path]:
+    """Rewrites each result's .md (and .png when matplotlib is installed) and results/index.md."""
+    written = []
+    for document in documents:
+        stem = Path(results_dir) / Path(document["_file"]).stem
+        page = {k: v for k, v in document.items() if k != "_file"}
+        stem.with_suffix(".md").write_text(render_markdown(page), encoding="utf-8")
+        written.append(stem.with_suffix(".md"))
+        png = write_plot(page, stem.with_suffix(".png"))
+        if png is not None:
+            written.append(png)
+    lines = ["# Benchmark results", "", "Targets against the newest GPU measurements "
+             "(regenerated by `python -m benchmarks.report`):", "",
+             perf_table(documents).replace("](benchmarks/results/", "]("), "All results:", ""]
+    lines += [f"- [{d['_file']}]({d['_file']}): {d['title']}, {d['device']['name']}, {d['started_utc']}"
+              for d in documents]
+    index = Path(results_dir) / "index.md"
+    index.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return written + [index]
+
+
+def mark_cut(results_dir: Path, benchmark: str, seconds: int) -> list[Path]:
+    """Adds a note to the `benchmark` results in `results_dir` that a time cap stopped their run early."""
+    marked = []
+    for document in load_results(results_dir):
+        if document["benchmark"] == benchmark:
+            path = Path(results_dir) / document.pop("_file")
+            document["notes"].append(f"The sweep's {seconds} s cap for this benchmark stopped it here: rows not "
+                                     "listed were not measured.")
+            path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+            marked.append(path)
+    return marked
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: rebuild pages and (unless --no-readme) the README table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help=f"result folder (default {RESULTS_DIR})")
+    parser.add_argument("--readme", type=Path, default=README, help=f"README to update (default {README})")
+    parser.add_argument("--no-readme", action="store_true", help="do not touch the README")
+    parser.add_argument("--no-pages", action="store_true", help="do not rewrite results/*.md, *.png, index.md")
+    parser.add_argument("--print", action="store_true", help="print the performance table on stdout")
+    parser.add_argument("--mark-cut", metavar="BENCHMARK:SECONDS", default=None,
+                        help="note in that benchmark's results that a time cap of SECONDS stopped it (sweep use)")
+    args = parser.parse_args(argv)
+    if args.mark_cut:
+        benchmark, seconds = args.mark_cut.rsplit(":", 1)
+        for path in mark_cut(args.results, benchmark, int(seconds)):
+            print(f"marked {path} as cut short", file=sys.stderr)
+    documents = load_results(args.results)
+    if not args.no_pages:
+        for path in rebuild_pages(documents, args.results):
+            print(f"wrote {path}", file=sys.stderr)
+    table = perf_table(documents)
+    if args.print:
+        print(table)
+    if not args.no_readme:
+        if not args.readme.is_file():
+            raise SystemExit(f"{args.readme} does not exist: create it with the '{START}' / '{END}' markers, "
+                             "or pass --no-readme")
+        text = args.readme.read_text(encoding="utf-8")
+        updated = replace_between_markers(text, table, args.readme)
+        if updated != text:
+            args.readme.write_text(updated, encoding="utf-8")
+        print(f"updated the performance table in {args.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
