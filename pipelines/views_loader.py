@@ -63,8 +63,8 @@ class ViewsLoader:
     def batches(self, epoch: int, start: int = 0, out: tuple[Tensor, Tensor] | None = None
                 ) -> Iterator[tuple[Tensor, Tensor]]:
         """Epoch `epoch` from its batch `start` on; with `out`, each batch is written into those buffers."""
-        for indices in self._order(epoch)[start:]:
-            index = indices.to(self.device)
+        # One host-to-device copy of the epoch's order; per batch, indexing stays on the device (no sync).
+        for index in self._order(epoch)[start:].to(self.device):
             if out is None:
                 yield self.views[0][index], self.views[1][index]
             else:
