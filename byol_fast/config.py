@@ -45,9 +45,9 @@ class TrainConfig:
     """Training images: an ImageNet-style folder (`<data>/<class>/<img>`), a 'path label' list file,
     a .beton file (ffcv backend) or a .pt file of pre-made views (views backend)."""
     data_backend: str = "auto"
-    """Two-view pipeline: "torchvision" (CPU reference), "torch" (batched on the device), "dali", "ffcv",
-    "views" (pre-made views from a .pt file, for tests) or "auto" (DALI on CUDA when installed, else
-    torch on CUDA, else torchvision)."""
+    """Two-view pipeline: "torchvision" (CPU reference), "torch" (batched on the device), "dali" (GPU, or DALI's
+    CPU mode on the CPU), "ffcv", "views" (pre-made views from a .pt file, for tests) or "auto" (DALI on CUDA
+    when installed, else torch on CUDA, else torchvision)."""
     val_data: str | None = None
     """Optional labelled held-out folder for the kNN monitor."""
     arch: str = "resnet50"
@@ -167,9 +167,6 @@ class TrainConfig:
                                  "--no-cuda-graph (or leave it unset: graphs are then used on CUDA only)")
             if self.compile:
                 raise ValueError("compile=true is for the CUDA step; on the CPU drop --compile")
-            if self.data_backend == "dali":
-                raise ValueError("data_backend='dali' trains on CUDA only; on the CPU use --data-backend torchvision "
-                                 "(or auto)")
         self._validate_data()
 
     def _validate_data(self) -> None:

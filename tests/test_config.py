@@ -118,8 +118,10 @@ def test_cuda_only_features_on_cpu_name_the_flag(data_dir: Path):
         resolve_config(overrides={**base, "cuda_graph": True}).validate(device="cpu")
     with pytest.raises(ValueError, match="drop --compile"):
         resolve_config(overrides={**base, "compile": True}).validate(device="cpu")
-    with pytest.raises(ValueError, match="--data-backend torchvision"):
-        resolve_config(overrides={**base, "data_backend": "dali"}).validate(device="cpu")
+    with pytest.raises(ValueError, match="data_backend='views' reads a .pt file"):
+        resolve_config(overrides={**base, "data_backend": "views"}).validate(device="cpu")
+    with pytest.raises(ValueError, match="byol-fast convert-ffcv"):
+        resolve_config(overrides={**base, "data_backend": "ffcv"}).validate(device="cpu")
     with pytest.raises(ValueError, match="--precision bf16 or pass --no-cuda-graph"):
         resolve_config(overrides={**base, "cuda_graph": True, "precision": "fp16"}).validate(device="cuda")
 
