@@ -8,9 +8,14 @@ a `TrainLoader` with `len()` (batches per epoch, equal on every rank),
 `start` resumes mid-epoch: the epoch's order comes from the seeded sharding,
 so batch `start` is the same images it was before the interruption. Backends
 whose augmentation randomness is drawn in batch order (torch, DALI, FFCV)
-reach batch `start` by producing and dropping the batches before it, which
-replays their generators exactly (torch) at the cost of that data work; the
-views source jumps there directly.
+reach batch `start` by producing and dropping the batches before it (that
+data work is paid once per resume); the views source jumps there directly.
+
+How exactly a resumed run repeats the uninterrupted one: torchvision (per-image
+seeds) and torch (generators seeded per epoch and rank) give the same views
+bit for bit. DALI seeds its pipeline at the epoch it is built and FFCV keeps
+one colour generator for the whole run, so after a resume they give the same
+images in the same order with fresh (equally distributed) augmentations.
 """
 
 from __future__ import annotations
