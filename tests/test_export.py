@@ -9,6 +9,7 @@ from torch import nn
 
 from byol_fast import BYOL, LARS
 from byol_fast.checkpoint import CheckpointManager
+from byol_fast.evaluate import load_encoder
 from byol_fast.export import EncoderMismatchError, check_encoder_fits, export_encoder, main
 
 SIZE = 32
@@ -98,3 +99,13 @@ def test_state_without_encoder_and_corrupt_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main([str(bad), str(tmp_path / "out.pt")]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_eval_reads_the_checkpoint_it_names(run):
+    learner, checkpoint, _ = run
+    encoder, info = load_encoder(None, checkpoint=str(checkpoint))
+    assert info == {"arch": "resnet18", "image_size": SIZE, "source": str(checkpoint), "step": 7}
+    images = torch.randn(3, 3, SIZE, SIZE)
+    learner.online_encoder.eval()
+    with torch.no_grad():
+        assert torch.equal(encoder.eval()(images), learner.online_encoder(images))
