@@ -420,6 +420,8 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
                         help="tiny sizes for a CPU machine or CI (small images, small batches, few steps)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
                         help=f"where result files go (default {RESULTS_DIR})")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence for the result's notes (e.g. what else loaded the machine); repeatable")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op CPU threads (default: torch's choice; --small: 1, because OpenMP "
                              "spin-waiting on a shared, oversubscribed CPU is many times slower than one thread)")

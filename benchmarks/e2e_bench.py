@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def measure_backend(backend: str, step: TrainStep, train_dir: Path, workdir: Pat
         loader = build_train_loader(backend, source, spec, batch, device=device, dtype=step.input_dtype,
                                     workers=workers, out=step.inputs)
         batches = endless(loader)
-        for _ in range(warmup):  # the first backend also warms up (and captures) the step
+        for _ in range(warmup):
             step(*next(batches))
         probe = run_loop(step, batches, 2, schedules, warmup)
         count = calibrated_calls(probe["wall_s"] / 2, target_s, min_steps, max_steps)
@@ -132,7 +133,7 @@ def build_parser():
     parser.add_argument("--batch", type=int, default=None, help="per-GPU batch (default 256; --small 8)")
     parser.add_argument("--image-size", type=int, default=None, help="view side (default 224; --small 32)")
     parser.add_argument("--variant", default=None, choices=list(VARIANTS),
-                        help="step variant (default bf16+graph on a GPU, channels_last on a CPU)")
+                        help="step variant (default: the trainer's, bf16+graph on a GPU, fp32+fused-lars on a CPU)")
     parser.add_argument("--workers", type=int, default=None, help="loader processes/threads (default: cores)")
     parser.add_argument("--seconds", type=float, default=None, help="timed seconds per backend (default 8; --small 0)")
     parser.add_argument("--min-steps", type=int, default=None, help="fewest timed steps (default 10; --small 3)")
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = args.arch or ("resnet18" if small else "resnet50")
     batch = args.batch or (8 if small else 256)
     spec = AugmentationSpec(image_size=args.image_size or (32 if small else 224))
-    variant = args.variant or ("bf16+graph" if device.type == "cuda" else "channels_last")
+    variant = args.variant or ("bf16+graph" if device.type == "cuda" else "fp32+fused-lars")
     target_s = args.seconds if args.seconds is not None else (0.0 if small else 8.0)
     min_steps = args.min_steps or (3 if small else 10)
     train_dir = synthetic_train_dir(args.data, args.images or (48 if small else 8192), workers)
@@ -166,20 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     result = BenchResult(args.name, "End-to-end BYOL training throughput from JPEG files", device, settings,
                          COLUMNS, PlotSpec("images_per_s", ["backend", "arch", "batch"], "images/s",
                                            "End-to-end training images/s per data backend"), out_dir=args.out_dir)
+    result.notes += args.note
     result.extra["peak"] = peak
     reset_peak_memory(device)
-    step = build_step(arch, batch, spec.image_size, VARIANTS[variant], device)
+    step = build_step(arch, batch, spec.image_size, VARIANTS[variant], device)  # inputs hold random views
     total = 10_000  # schedules as in a run of that length; values do not change the cost of a step
     schedules = (WarmupCosineLR(scaled_lr(BASE_LR, batch), total, total // 10), CosineTau(TAU, total))
-    import tempfile
-
+    for _ in range(warmup_calls(step)):  # eager warm-up and graph capture, on random views, before any backend
+        step()
     with tempfile.TemporaryDirectory(prefix="byol-e2e-") as workdir:
-        for index, backend in enumerate(backends):
-            warmup = warmup_calls(step) + 1 if index == 0 else (1 if small else 4)
+        for backend in backends:
+            warmup = 1 if small else 4  # the loader's own warm-up: worker start, first decodes
             result.add_row(measure_backend(backend, step, train_dir, Path(workdir), spec, workers, arch=arch,
                                            peak=peak["flops"], target_s=target_s, min_steps=min_steps,
                                            max_steps=args.max_steps, warmup=warmup, schedules=schedules))
-    _, seconds = warm_and_time(step, device, 1, max(target_s / 2, 0.0), min_steps, args.max_steps)
+    # The step alone, on whatever views the last backend left in its inputs.
+    _, seconds = warm_and_time(step, device, 1, target_s / 2, min_steps, args.max_steps)
     alone = batch / seconds
     result.extra["step_alone"] = {"variant": variant, "images_per_s": round(alone, 1), "step_ms": round(seconds * 1e3, 2),
                                   "mfu": round(mfu(alone, flops_per_image(arch, spec.image_size), peak["flops"]), 4),

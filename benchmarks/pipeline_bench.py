@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     result = BenchResult(args.name, "Two-view data pipelines: images/s from JPEG files", device, settings, COLUMNS,
                          PlotSpec("images_per_s", ["backend"], "images/s", "Pipeline throughput per backend"),
                          out_dir=args.out_dir)
+    result.notes += args.note
     result.notes.append("An image is one source image (two augmented views). Setup (FFCV conversion, pipeline "
                         "build) and warm-up batches are excluded; epochs follow one another inside the timed run.")
     with tempfile.TemporaryDirectory(prefix="byol-bench-") as workdir:

@@ -10,6 +10,7 @@ each is worth:
     bf16+graph          + the whole step captured as one CUDA graph (the trainer's default on GPU)
     bf16+compile        bf16+fused-lars with the learner under torch.compile
     bf16+compile+graph  + the CUDA graph
+    fp32+fused-lars     contiguous fp32 with byol_fast.LARS: what the trainer runs on a CPU
 
 Per row: images/s (an image is one source image = two views), step ms, MFU against
 the measured bf16 peak, peak GPU memory. Also: fused LARS vs the per-parameter loop
@@ -61,6 +62,7 @@ VARIANTS = {
     "bf16+graph": Variant("bf16", channels_last=True, fused_lars=True, cuda_graph=True),
     "bf16+compile": Variant("bf16", channels_last=True, fused_lars=True, compile=True),
     "bf16+compile+graph": Variant("bf16", channels_last=True, fused_lars=True, cuda_graph=True, compile=True),
+    "fp32+fused-lars": Variant("fp32", channels_last=False, fused_lars=True),
 }
 
 
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     result = BenchResult(args.name, "BYOL step throughput (synthetic views on the device)", device, settings,
                          COLUMNS, PlotSpec("images_per_s", ["arch", "batch", "variant"], "images/s",
                                            "BYOL step: images/s per variant"), out_dir=args.out_dir)
+    result.notes += args.note
     result.extra["peak"] = peak
     result.notes.append("An image is one source image (two views). Warm-up and CUDA-graph capture/compilation "
                         "are excluded; the device is synchronized only at the edges of the timed region.")

@@ -4,6 +4,7 @@ byol_fast.LARS, CPU accounting sees child processes, and the README table is a p
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,15 +95,17 @@ def test_cpu_meter_counts_exited_and_live_children():
     assert meter.stop() >= 0.3
     if not meter.counts_live_children:
         pytest.skip("psutil is not installed: live children are not counted")
-    child = subprocess.Popen([sys.executable, "-c", burn + "import sys; sys.stdin.read()\n"], stdin=subprocess.PIPE)
+    # The live child burns 0.6 s of CPU, then blocks; the meter must count it before it exits.
+    child = subprocess.Popen([sys.executable, "-c", burn.replace("0.3", "0.6") + "import sys; sys.stdin.read()\n"],
+                             stdin=subprocess.PIPE)
     meter.start()
     try:
         import psutil
 
-        process = psutil.Process(child.pid)
-        while process.cpu_times().user + process.cpu_times().system < 0.3:
-            pass
-        assert meter.stop() >= 0.29  # counted while still alive
+        process, deadline = psutil.Process(child.pid), time.monotonic() + 60
+        while sum(process.cpu_times()[:2]) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert meter.stop() >= 0.45  # counted while still alive
     finally:
         child.communicate(b"")
 
