@@ -140,12 +140,12 @@ def convert_to_beton(images: ImageList, out_path: str | Path, max_resolution: in
     overwrite, missing folder, wrong suffix), and CorruptImageError naming every
     unreadable image after the pass unless skip_corrupt (see module docstring).
     """
+    out = Path(out_path).expanduser().resolve()
+    _check_arguments(images, out, max_resolution, jpeg_quality, write_mode, compress_probability, overwrite)
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    out = Path(out_path).expanduser().resolve()
-    _check_arguments(images, out, max_resolution, jpeg_quality, write_mode, compress_probability, overwrite)
     workers = num_workers if num_workers >= 1 else (os.cpu_count() or 1)
     start = time.perf_counter()
     fields = {

@@ -107,6 +107,11 @@ def test_every_image_once_per_epoch_and_reshuffled(loader: FfcvTwoViewLoader) ->
     assert first != second
     # The order is the shard_indices permutation every backend shares.
     assert first == shard_indices(N_IMAGES, 0, 1, 0, 3, batch_size=BATCH).tolist()
+    # An epoch abandoned after one batch does not disturb the next one.
+    for _ in loader.raw_batches():
+        break
+    assert loader.epoch == 3
+    assert _labels_of(loader) == shard_indices(N_IMAGES, 0, 1, 3, 3, batch_size=BATCH).tolist()
 
 
 def test_ranks_read_disjoint_shards_covering_all(jpg_set) -> None:
@@ -309,6 +314,21 @@ def test_bad_loader_inputs_are_clear_errors(tmp_path: Path, jpg_set) -> None:
         FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, rank=2, world_size=2, device="cpu")
 
 
+def test_damaged_beton_entry_is_reported_by_index(jpg_set, tmp_path: Path) -> None:
+    from ffcv.reader import Reader
+
+    damaged = tmp_path / "damaged.beton"
+    damaged.write_bytes(Path(jpg_set[1]).read_bytes())
+    entry = Reader(str(damaged)).metadata["f0"][7]
+    with open(damaged, "r+b") as handle:  # overwrite the start of entry 7's JPEG (its SOI/headers)
+        handle.seek(int(entry["data_ptr"]))
+        handle.write(b"\x00" * 64)
+    broken = FfcvTwoViewLoader(damaged, SPEC, BATCH, device="cpu", num_workers=1)
+    with pytest.raises(DataError, match=r"entry 7 failed to decode"):
+        _labels_of(broken)
+
+
+@pytest.mark.slow  # optional order; ~6 s for its own loader compile and process cache
 def test_quasi_random_order_reads_each_image_at_most_once(jpg_set) -> None:
     quasi = FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=1, device="cpu", num_workers=1, order="quasi_random")
     labels = _labels_of(quasi)
