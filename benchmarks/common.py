@@ -367,7 +367,7 @@ def render_markdown(document: dict[str, Any]) -> str:
              f"- measured {document['started_utc']}, git {sha}{dirty}; python {prov.get('python')}, {versions}",
              f"- command: `{prov.get('command')}`"]
     if peak:
-        lines.append(f"- measured peak: {peak['flops'] / 1e12:,.1f} TFLOP/s ({peak['matmul']} {peak['dtype']} matmul); "
+        lines.append(f"- measured peak: {peak['flops'] / 1e12:.3g} TFLOP/s ({peak['matmul']} {peak['dtype']} matmul); "
                      "MFU is against it")
     lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in document["settings"].items()))
     lines += ["", "| " + " | ".join(c["header"] for c in document["columns"]) + " |",

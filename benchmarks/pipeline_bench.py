@@ -20,10 +20,10 @@ seconds of this process, its threads and its worker processes / wall seconds.
 from __future__ import annotations
 
 import gc
-import itertools
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,10 +46,45 @@ def describe(backend: str, device: torch.device, workers: int) -> str:
             "ffcv": f"FFCV {workers} numba threads (decode+crop), colour stage on {on}"}[backend]
 
 
-def endless(loader: TrainLoader) -> Iterator[tuple]:
-    """Batches of epoch 0, 1, 2, ... one after another (epoch boundaries are part of the cost)."""
-    for epoch in itertools.count():
-        yield from loader.batches(epoch)
+WARM_EPOCH_CAP = 64
+"""Most batches of epoch 0 run as warm-up (the synthetic sets' epochs are shorter than this)."""
+
+
+@dataclass
+class TimedEpoch:
+    """Epoch 1 of a loader, positioned after its first `extra` + 1 batches (see start_timed_epoch)."""
+
+    batches: Iterator[tuple]
+    first_batch_s: float
+    """Wall seconds of epoch 1's first batch, synchronized: the epoch-start latency plus one batch."""
+    left: int
+    """Batches still to come in epoch 1."""
+
+
+def start_timed_epoch(loader: TrainLoader, consume: Callable[[tuple], None], device: torch.device,
+                      extra: int) -> TimedEpoch:
+    """Warm-up, then the timed epoch: all of epoch 0 (numba JIT, worker start-up, first reads; at most
+    WARM_EPOCH_CAP batches), epoch 1's first batch timed alone, and `extra` more batches.
+
+    Timing then stays inside epoch 1, and the epoch-start cost is reported on its own: on the
+    short synthetic epochs a boundary every few batches would weigh far more than on ImageNet's.
+    """
+    if len(loader) < extra + 4:
+        raise ValueError(f"an epoch of {len(loader)} batches is too short to time: use more images (--images) "
+                         f"or a smaller --batch")
+    warm = loader.batches(0)
+    for item, _ in zip(warm, range(WARM_EPOCH_CAP)):
+        consume(item)
+    warm.close()
+    batches = loader.batches(1)
+    synchronize(device)  # sync: timer edge
+    start = time.perf_counter()
+    consume(next(batches))
+    synchronize(device)  # sync: timer edge
+    first = time.perf_counter() - start
+    for _ in range(extra):
+        consume(next(batches))
+    return TimedEpoch(batches, first, len(loader) - 1 - extra)
 
 
 def make_beton(train_dir: Path, workdir: Path, max_resolution: int) -> Path:
@@ -77,15 +112,14 @@ def measure_backend(backend: str, train_dir: Path, beton_dir: Path, spec: Augmen
         setup = time.perf_counter()
         source = make_beton(train_dir, beton_dir, max_resolution=512) if backend == "ffcv" else train_dir
         loader = build_train_loader(backend, source, spec, batch, device=device, dtype=dtype, workers=workers)
-        batches = endless(loader)
-        for _ in range(warmup):
-            next(batches)
-        synchronize(device)
+        epoch = start_timed_epoch(loader, lambda item: None, device, warmup)
+        batches = epoch.batches
         row["setup_s"] = round(time.perf_counter() - setup, 1)
         probe = time.perf_counter()
         next(batches)
         synchronize(device)
-        count = calibrated_calls(time.perf_counter() - probe, target_s, min_batches, max_batches)
+        high = min(max_batches, epoch.left - 1)
+        count = calibrated_calls(time.perf_counter() - probe, target_s, min(min_batches, high), high)
         meter = CpuMeter()
         meter.start()
         start = time.perf_counter()
@@ -100,7 +134,7 @@ def measure_backend(backend: str, train_dir: Path, beton_dir: Path, spec: Augmen
         images_per_s = count * batch / wall
         row.update(images_per_s=round(images_per_s, 1), batch_ms=round(wall / count * 1e3, 2),
                    cpu_cores_used=round(cores, 2), images_per_core_s=round(images_per_s / max(cores, 1e-9), 1),
-                   timed_batches=count)
+                   epoch_start_s=round(max(0.0, epoch.first_batch_s - wall / count), 3), timed_batches=count)
     finally:
         if batches is not None:
             batches.close()
@@ -115,7 +149,8 @@ def measure_backend(backend: str, train_dir: Path, beton_dir: Path, spec: Augmen
 COLUMNS = [Column("backend", "backend"), Column("where", "where the work runs"), Column("batch", "batch"),
            Column("image_size", "size"), Column("images_per_s", "images/s", "{:,.0f}"),
            Column("batch_ms", "batch ms", "{:.1f}"), Column("cpu_cores_used", "CPU cores used", "{:.2f}"),
-           Column("images_per_core_s", "images/s per core", "{:,.0f}"), Column("status", "status")]
+           Column("images_per_core_s", "images/s per core", "{:,.0f}"),
+           Column("epoch_start_s", "epoch start s", "{:.2f}"), Column("status", "status")]
 
 
 def build_parser():
@@ -124,16 +159,18 @@ def build_parser():
     parser.add_argument("--data", type=Path, default=None,
                         help="image folder (default: synthetic ImageNet-like JPEGs made under data/)")
     parser.add_argument("--images", type=int, default=None, help="synthetic images when --data is not given "
-                        "(default 8192; --small 48)")
+                        "(default 8192; --small 64)")
     parser.add_argument("--backends", default=",".join(IMAGE_BACKENDS),
                         help=f"comma list of {', '.join(IMAGE_BACKENDS)} (default all; missing ones are skipped)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 256; --small 8)")
     parser.add_argument("--image-size", type=int, default=None, help="view side (default 224; --small 64)")
     parser.add_argument("--workers", type=int, default=None, help="processes/threads per backend (default: cores)")
     parser.add_argument("--seconds", type=float, default=None, help="timed seconds per backend (default 5; --small 0)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed batches (default 4; --small 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed batches of the timed epoch after its first (epoch 0 is always warm-up; default 2; "
+                        "--small 1)")
     parser.add_argument("--min-batches", type=int, default=None, help="fewest timed batches (default 8; --small 3)")
-    parser.add_argument("--max-batches", type=int, default=200, help="most timed batches")
+    parser.add_argument("--max-batches", type=int, default=200, help="most timed batches (and at most the rest "
+                        "of epoch 1)")
     parser.add_argument("--name", default="pipeline", help="result file prefix (default pipeline)")
     return parser
 
@@ -152,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     workers = args.workers or cores
     threads = apply_threads(args)
-    train_dir = synthetic_train_dir(args.data, args.images or (48 if small else 8192), workers)
+    train_dir = synthetic_train_dir(args.data, args.images or (64 if small else 8192), workers)
     spec = AugmentationSpec(image_size=args.image_size or (64 if small else 224))
     batch = args.batch or (8 if small else 256)
     settings = {"data": str(train_dir), "images": len(load_images(train_dir)), "batch": batch,
@@ -163,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
                          out_dir=args.out_dir)
     result.notes += args.note
     result.notes.append("An image is one source image (two augmented views). Setup (FFCV conversion, pipeline "
-                        "build) and warm-up batches are excluded; epochs follow one another inside the timed run.")
+                        "build) and warm-up (all of epoch 0) are excluded; the timed batches lie inside epoch 1, "
+                        "and 'epoch start s' is the extra time of epoch 1's first batch over a steady one.")
     with tempfile.TemporaryDirectory(prefix="byol-bench-") as workdir:
         for backend in backends:
             result.add_row(measure_backend(
                 backend, train_dir, Path(workdir), spec, batch, device, workers,
-                warmup=args.warmup if args.warmup is not None else (1 if small else 4),
+                warmup=args.warmup if args.warmup is not None else (1 if small else 2),
                 target_s=args.seconds if args.seconds is not None else (0.0 if small else 5.0),
                 min_batches=args.min_batches or (3 if small else 8), max_batches=args.max_batches))
     ranked = sorted((r for r in result.rows if r["status"] == "ok"), key=lambda r: -r["images_per_s"])

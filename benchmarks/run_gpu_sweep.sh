@@ -29,7 +29,7 @@ export BYOL_FAST_GIT_SHA=${BYOL_FAST_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null |
 CORES=$(nproc)
 DEVICE=${SWEEP_DEVICE:-cuda}
 if [[ $DEVICE == cpu ]]; then
-  DATA_IMAGES=48
+  DATA_IMAGES=64
   COMMON=(--device cpu --small)
   STEP_SIZES=(--archs resnet18 --batches 8)
   COMPILE_SIZES=(--archs resnet18 --batches 8)

@@ -69,20 +69,20 @@ def test_step_bench_small_mode_writes_sane_results(tmp_path):
 
 
 def test_pipeline_bench_small_mode_writes_sane_results(tmp_path, monkeypatch):
-    make_synthetic(tmp_path / "data", 16, classes=4)
+    make_synthetic(tmp_path / "data", 24, classes=4)
     real = pipeline_bench.backend_installed
     monkeypatch.setattr(pipeline_bench, "backend_installed", lambda b: b != "ffcv" and real(b))
     assert pipeline_bench.main(["--small", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
                                 "--data", str(tmp_path / "data" / "train"), "--backends", "torchvision,torch,ffcv",
                                 "--batch", "4", "--image-size", "32", "--min-batches", "2", "--workers", "1"]) == 0
     result = _only_result(tmp_path / "out", "pipeline")
-    assert result["settings"]["images"] == 16 and result["settings"]["batch"] == 4
+    assert result["settings"]["images"] == 24 and result["settings"]["batch"] == 4
     rows = {row["backend"]: row for row in result["rows"]}
     assert rows["ffcv"]["status"] == "skipped: ffcv is not installed"
     for backend in ("torchvision", "torch"):
         row = rows[backend]
         assert row["status"] == "ok" and row["timed_batches"] >= 2
-        assert row["images_per_s"] > 0 and row["cpu_cores_used"] > 0
+        assert row["images_per_s"] > 0 and row["cpu_cores_used"] > 0 and row["epoch_start_s"] >= 0
         assert row["images_per_s"] * row["batch_ms"] / 1e3 == pytest.approx(4, rel=1e-2)
     assert sorted(result["ordering"]) == ["torch", "torchvision"]
 
