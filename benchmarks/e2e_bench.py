@@ -129,7 +129,7 @@ def build_parser():
     parser.add_argument("--data", type=Path, default=None, help="image folder (default: synthetic JPEGs under data/)")
     parser.add_argument("--images", type=int, default=None, help="synthetic images without --data (default 8192; "
                         "--small 64)")
-    parser.add_argument("--backends", default="dali,torch,ffcv,torchvision",
+    parser.add_argument("--backends", default="dali,torch,torchvision,ffcv",
                         help="comma list, measured in this order (missing ones are skipped)")
     parser.add_argument("--arch", default=None, help="encoder (default resnet50; --small resnet18)")
     parser.add_argument("--batch", type=int, default=None, help="per-GPU batch (default 256; --small 8)")

@@ -64,7 +64,7 @@ run() {
 }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-  SITE=${SWEEP_SITE:-/tmp/site}
+  SITE=${SWEEP_SITE:-/tmp/byol-bench-site}  # not /tmp/site: leave a DALI installed there alone
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || echo "wheel install failed: peers will be skipped"
 fi
@@ -85,7 +85,7 @@ run data 60 "" python3 -c "from benchmarks.common import synthetic_train_dir as 
 SECS() { [[ $DEVICE == cpu ]] || echo "--seconds $1"; }
 run step 200 step python3 -m benchmarks.step_bench "${COMMON[@]}" "${STEP_SIZES[@]}" \
   --variants fp32-eager,channels_last,bf16,bf16+fused-lars,bf16+graph --profile
-run e2e 100 e2e python3 -m benchmarks.e2e_bench "${COMMON[@]}" --data "$DATA" --backends dali,torch,ffcv,torchvision \
+run e2e 100 e2e python3 -m benchmarks.e2e_bench "${COMMON[@]}" --data "$DATA" --backends dali,torch,torchvision,ffcv \
   $(SECS 6)
 run peers 80 peers python3 -m benchmarks.peers_bench "${COMMON[@]}" $(SECS 1.5)
 run pipeline 70 pipeline python3 -m benchmarks.pipeline_bench "${COMMON[@]}" --data "$DATA" $(SECS 4)
