@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import (BenchResult, Column, CpuMeter, PlotSpec, apply_threads, bench_parser,
                                calibrated_calls, flops_per_image, oom_or_error, peak_flops, peak_memory_gib,
                                reset_peak_memory, resolve_device, synchronize, synthetic_train_dir, warm_and_time)
-from benchmarks.pipeline_bench import IMAGE_BACKENDS, describe, make_beton, start_timed_epoch
+from benchmarks.pipeline_bench import describe, make_beton, parse_backends, start_timed_epoch
 from benchmarks.step_bench import BASE_LR, TAU, VARIANTS, build_step, warmup_calls
 from byol_fast.run_log import mfu
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     small = args.small
-    backends = args.backends.split(",")
-    unknown = [b for b in backends if b not in IMAGE_BACKENDS]
-    if unknown:
-        raise SystemExit(f"unknown backends {unknown}: use names from {', '.join(IMAGE_BACKENDS)}")
+    backends = parse_backends(args.backends)
     workers = args.workers or len(os.sched_getaffinity(0))
     threads = apply_threads(args)
     torch.backends.cudnn.benchmark = True

@@ -20,6 +20,7 @@ seconds of this process, its threads and its worker processes / wall seconds.
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,15 @@ from pipelines.sources import load_images
 from pipelines.spec import AugmentationSpec
 
 IMAGE_BACKENDS = [b for b in BACKENDS if b != "views"]  # "views" reads pre-made tensors, not JPEGs
+
+
+def parse_backends(names: str) -> list[str]:
+    """A comma list of image backends, refusing unknown names before any work."""
+    backends = names.split(",")
+    unknown = [b for b in backends if b not in IMAGE_BACKENDS]
+    if unknown:
+        raise SystemExit(f"unknown backends {unknown}: use names from {', '.join(IMAGE_BACKENDS)}")
+    return backends
 
 
 def describe(backend: str, device: torch.device, workers: int) -> str:
@@ -180,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     small = args.small
-    backends = args.backends.split(",")
-    unknown = [b for b in backends if b not in IMAGE_BACKENDS]
-    if unknown:
-        raise SystemExit(f"unknown backends {unknown}: use names from {', '.join(IMAGE_BACKENDS)}")
-    import os
-
+    backends = parse_backends(args.backends)
     cores = len(os.sched_getaffinity(0))
     workers = args.workers or cores
     threads = apply_threads(args)
