@@ -120,3 +120,16 @@ def test_weights_that_do_not_fit_the_arch(colour_data, weights, capsys, tmp_path
     assert code == 2 and "use --checkpoint for it" in err
     with pytest.raises(ValueError, match="exactly one of checkpoint"):
         load_encoder("resnet18")
+
+
+@pytest.mark.cuda
+def test_cuda_features_match_cpu_within_bf16(colour_data):
+    files = scan_image_folder(colour_data / "val")
+    encoder = build_encoder("resnet18")
+    encoder.fc = torch.nn.Identity()
+    cpu_x, cpu_y = extract_features(encoder, files, image_size=SIZE)
+    gpu_x, gpu_y = extract_features(encoder.cuda(), files, image_size=SIZE, device="cuda")
+    assert gpu_x.dtype == torch.float32 and gpu_x.device.type == "cuda" and torch.equal(gpu_y.cpu(), cpu_y)
+    # bf16 autocast: each feature vector keeps its direction to within ~1%.
+    cosine = torch.nn.functional.cosine_similarity(gpu_x.cpu(), cpu_x, dim=1)
+    assert cosine.min().item() > 0.99
