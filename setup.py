@@ -16,12 +16,15 @@ setup(
         "torchvision>=0.19",
         "numpy",
         "pillow",
+        "tensorboard",
+        "tqdm",
         "tomli; python_version < '3.11'",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "ffcv": ["ffcv==1.0.2"],
-        "dev": ["pytest", "pytest-timeout"],
+        # scikit-learn: reference solutions and the real images (load_digits) of the tests.
+        "dev": ["pytest", "pytest-timeout", "scikit-learn"],
     },
     entry_points={"console_scripts": ["byol-fast=byol_fast.cli:main"]},
 )

@@ -49,7 +49,11 @@ class TrainConfig:
     CPU mode on the CPU), "ffcv", "views" (pre-made views from a .pt file, for tests) or "auto" (DALI on CUDA
     when installed, else torch on CUDA, else torchvision)."""
     val_data: str | None = None
-    """Optional labelled held-out folder for the kNN monitor."""
+    """Optional labelled held-out folder (`<val>/<class>/<img>`, the same classes as `data`) for the kNN monitor."""
+    knn_every_epochs: int = 1
+    """With val_data: kNN top-1 (k=20, cosine-weighted) every this many epochs and before training; 0 turns it off."""
+    knn_bank_images: int = 10000
+    """The kNN monitor's labelled bank: an even subsample of at most this many training images."""
     arch: str = "resnet50"
     """Encoder: a torchvision ResNet name."""
     image_size: int = 224
@@ -132,7 +136,8 @@ class TrainConfig:
         _check_positive(self, "image_size", "global_batch", "accumulation_steps", "epochs", "projection_size",
                         "projection_hidden_size", "prediction_hidden_size", "keep_checkpoints", "log_every")
         _check_non_negative(self, "warmup_epochs", "base_lr", "weight_decay", "workers", "seed", "checkpoint_every",
-                            "synthetic_images", "synthetic_val_images")
+                            "synthetic_images", "synthetic_val_images", "knn_every_epochs")
+        _check_positive(self, "knn_bank_images")
         if self.image_size < 32:
             raise ValueError(f"image_size={self.image_size} is too small for a ResNet: use at least 32")
         if self.warmup_epochs > self.epochs:
@@ -184,6 +189,13 @@ class TrainConfig:
         if self.data_backend == "ffcv" and path.suffix != ".beton":
             raise ValueError(f"data_backend='ffcv' reads a .beton file, got {path}: convert the folder with "
                              f"`byol-fast convert-ffcv {path} OUT.beton` and pass --data OUT.beton")
+        if self.val_data and self.knn_every_epochs and not path.is_dir():
+            raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an image "
+                             f"folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
+        if self.val_data and self.knn_every_epochs and self.synthetic_val_images == 0 \
+                and not Path(self.val_data).expanduser().is_dir():
+            raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> tree "
+                             f"or --knn-every-epochs 0")
         if self.data_backend == "views" and path.suffix != ".pt":
             raise ValueError(f"data_backend='views' reads a .pt file of pre-made views, got {path}: "
                              f"use another --data-backend for image folders")

@@ -178,8 +178,12 @@ class RunLogger:
             return None
         return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def log(self, step: int, metrics: dict[str, float | int | None]) -> None:
-        """Appends one metrics line, writes TensorBoard scalars and updates the progress display."""
+    def log(self, step: int, metrics: dict[str, float | int | None], show: bool = True) -> None:
+        """Appends one metrics line, writes TensorBoard scalars and (with `show`) updates the progress display.
+
+        `show=False` records side measurements (e.g. the kNN monitor) without touching the
+        progress line or the step rate its ETA comes from.
+        """
         if not self.enabled:
             return
         now = time.monotonic()
@@ -192,9 +196,10 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._writer.add_scalar(f"train/{key}", value, step)
             self._writer.flush()
-        if self._progress:
-            self._show(step, metrics, now)
-        self._last = (step, now)
+        if show:
+            if self._progress:
+                self._show(step, metrics, now)
+            self._last = (step, now)
 
     def _show(self, step: int, metrics: dict[str, Any], now: float) -> None:
         """Progress with loss, images/s and an ETA from the step rate since the previous log call."""

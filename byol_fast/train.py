@@ -46,12 +46,14 @@ from byol_fast.config import TrainConfig, available_presets, field_docs, field_t
 from byol_fast.cross_rank_bn import convert_sync_batchnorm
 from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module, cleanup,
                                    gather_objects, init_distributed, world_from_env)
+from byol_fast.knn import KnnMonitor
 from byol_fast.lars import LARS
 from byol_fast.model import BYOL
 from byol_fast.run_log import RunLogger, byol_step_flops_per_image, mfu
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
 from pipelines.factory import build_train_loader, resolve_backend
+from pipelines.sources import ImageList, scan_image_folder
 from pipelines.spec import AugmentationSpec
 from pipelines.synthetic import MANIFEST, make_synthetic
 
@@ -156,6 +158,17 @@ def ensure_synthetic_data(config: TrainConfig, info: DistInfo) -> None:
     barrier(info)
 
 
+def build_knn_monitor(config: TrainConfig, info: DistInfo) -> KnnMonitor | None:
+    """The kNN monitor, on rank 0 only, when the config names a labelled val_data folder."""
+    if not (config.val_data and config.knn_every_epochs and info.is_main):
+        return None
+    bank = scan_image_folder(config.data)
+    stride = -(-len(bank) // config.knn_bank_images)  # ceil: an even subsample of at most knn_bank_images
+    bank = ImageList(bank.files[::stride], bank.labels[::stride], bank.classes)
+    return KnnMonitor(bank, scan_image_folder(config.val_data), config.knn_every_epochs,
+                      image_size=config.image_size, device=info.device)
+
+
 def measure_peak_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
     """Dense bf16 matmul TFLOP/s of one CUDA device: the practical peak MFU is quoted against (start-up sync)."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -213,6 +226,7 @@ class Trainer:
         device = info.device
         torch.manual_seed(config.seed)  # the same initial weights on every rank (and broadcast below)
         ensure_synthetic_data(config, info)
+        self.knn = build_knn_monitor(config, info)
         self.global_batch = config.global_batch
         per_rank_batch = config.global_batch // info.world_size
         learner = BYOL(config.arch, image_size=config.image_size, hidden_layer="avgpool",
@@ -309,6 +323,8 @@ class Trainer:
         window_start, data_wait = time.perf_counter(), 0.0
         last_saved = self.completed
         lr_tensor = self.optimizer.param_groups[0]["lr"]
+        if self.completed == 0:
+            window_start += self._run_knn(logger, epoch=0)
         while self.completed < self.stop_step:
             epoch, start = divmod(self.completed, self.steps_per_epoch)
             end = min(self.steps_per_epoch, start + self.stop_step - self.completed)
@@ -338,6 +354,8 @@ class Trainer:
                         if self.info.is_main:
                             print(f"byol-fast train: saved {path}", file=sys.stderr)
                         window_start = time.perf_counter()  # checkpoint time is not training throughput
+                    if k % self.steps_per_epoch == 0:
+                        window_start += self._run_knn(logger, epoch=k // self.steps_per_epoch)
                     if stopping:
                         code = EXIT_INTERRUPTED if stop.received == signal.SIGINT else EXIT_OK
                         if self.info.is_main:
@@ -347,6 +365,18 @@ class Trainer:
         if last_saved != self.completed:  # e.g. a resumed run that was already complete saves nothing new
             self.save()
         return EXIT_OK
+
+    def _run_knn(self, logger: RunLogger, epoch: int) -> float:
+        """kNN top-1 when the monitor is due after `epoch` epochs; returns its seconds, which the
+        caller takes out of the throughput window."""
+        if self.knn is None or not self.knn.due(epoch):
+            return 0.0
+        result = self.knn.run(self.learner.online_encoder, epoch)  # syncs the device at both edges
+        logger.log(self.completed, {"knn_top1": result["knn_top1"], "knn_seconds": result["knn_seconds"],
+                                    "epoch": epoch}, show=False)
+        print(f"byol-fast train: kNN top-1 after epoch {epoch}: {100 * result['knn_top1']:.1f}% "
+              f"({result['knn_seconds']:.1f} s, not counted in images/s)", file=sys.stderr)
+        return result["knn_seconds"]
 
     def _log(self, logger: RunLogger, k: int, seconds: float, data_wait: float) -> None:
         """Read the device metrics (the loop's one host-device sync), agree across ranks, and log."""

@@ -153,10 +153,22 @@ def test_missing_data_names_make_synthetic(tmp_path: Path):
     ({"momentum": 1.0}, r"momentum=1.0 must lie in \[0, 1\)"),
     ({"max_steps": 0}, "max_steps=0 must be >= 1"),
     ({"log_every": 0}, "log_every=0 must be positive"),
+    ({"knn_bank_images": 0}, "knn_bank_images=0 must be positive"),
+    ({"val_data": "/nowhere/val"}, "val_data /nowhere/val is not a folder"),
 ])
 def test_other_impossible_settings(data_dir: Path, overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_config(overrides={"data": str(data_dir), **overrides}).validate(device="cpu")
+
+
+def test_knn_monitor_needs_an_image_folder_bank(tmp_path: Path, data_dir: Path):
+    views = tmp_path / "views.pt"
+    views.touch()
+    with pytest.raises(ValueError, match="takes its labelled bank from an image folder.*--knn-every-epochs 0"):
+        resolve_config(overrides={"data": str(views), "data_backend": "views",
+                                  "val_data": str(data_dir)}).validate(device="cpu")
+    resolve_config(overrides={"data": str(views), "data_backend": "views", "val_data": str(data_dir),
+                              "knn_every_epochs": 0}).validate(device="cpu")
 
 
 def test_cli_rejects_bad_configs_before_any_heavy_work(tmp_path: Path, monkeypatch, capsys):

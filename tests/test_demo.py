@@ -29,7 +29,11 @@ def test_demo_preset_writes_its_data_and_trains(tmp_path: Path, monkeypatch, cap
     assert (run_dir / "checkpoints" / "step_00000002.pt").is_file()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preset"] == "demo" and config["resolved"]["total_steps"] == 96
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    knn = lines[0]  # the random-init baseline of the kNN monitor, before the first step
+    assert (knn["step"], knn["epoch"]) == (0, 0) and 0.0 <= knn["knn_top1"] <= 1.0 and knn["knn_seconds"] > 0
+    assert "kNN top-1 after epoch 0:" in error
+    record = lines[-1]
     assert record["step"] == 2
     # BYOL's symmetric loss (two directions of 2 - 2 cos) lies in [0, 8]; near 4 for unrelated projections.
     assert math.isfinite(record["loss"]) and 2.0 < record["loss"] < 8.0
