@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from byol_fast.run_log import byol_step_flops_per_image, provenance
+from byol_fast.run_log import byol_step_flops_per_image, measure_matmul_flops, provenance
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA_VERSION = 1
@@ -155,14 +155,9 @@ def peak_flops(device: torch.device) -> dict[str, Any]:
         if cached.get("device") == name:
             return cached
     size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        torch.mm(a, b)
-    timing = time_calls(lambda: torch.mm(a, b), 10, device)
-    seconds = timing.gpu_s if timing.gpu_s is not None else timing.wall_s
-    result = {"device": name, "flops": 2 * size**3 * timing.calls / seconds, "matmul": f"{size}^3",
-              "dtype": str(dtype).removeprefix("torch."), "timed_products": timing.calls}
-    del a, b
+    repeats = 10
+    result = {"device": name, "flops": measure_matmul_flops(device, size, dtype, repeats), "matmul": f"{size}^3",
+              "dtype": str(dtype).removeprefix("torch."), "timed_products": repeats}
     if cache:
         Path(cache).write_text(json.dumps(result))
     return result

@@ -253,6 +253,32 @@ class RunLogger:
         self.close()
 
 
+def measure_matmul_flops(device: torch.device, size: int = 8192, dtype: torch.dtype = torch.bfloat16,
+                         repeats: int = 10) -> float:
+    """Dense matmul FLOP/s of one device on random data (3 warm-ups, `repeats` timed products).
+
+    The practical peak that MFU is quoted against (DESIGN.md). Syncs the device: call it once,
+    at start-up, never in the training loop.
+    """
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        end.record()
+        end.synchronize()  # sync: start-up only
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        seconds = time.perf_counter() - begin
+    return 2 * size**3 * repeats / seconds
+
+
 def mfu(images_per_second: float, flops_per_image: float, peak_flops: float) -> float:
     """Model FLOP utilization: achieved FLOP/s over the device's peak FLOP/s (0.5 means 50%)."""
     if peak_flops <= 0 or flops_per_image <= 0:

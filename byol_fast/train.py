@@ -49,7 +49,7 @@ from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, b
 from byol_fast.knn import KnnMonitor
 from byol_fast.lars import LARS
 from byol_fast.model import BYOL
-from byol_fast.run_log import RunLogger, byol_step_flops_per_image, mfu
+from byol_fast.run_log import RunLogger, byol_step_flops_per_image, measure_matmul_flops, mfu
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
 from pipelines.factory import build_train_loader, resolve_backend
@@ -169,21 +169,6 @@ def build_knn_monitor(config: TrainConfig, info: DistInfo) -> KnnMonitor | None:
                       image_size=config.image_size, device=info.device)
 
 
-def measure_peak_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
-    """Dense bf16 matmul TFLOP/s of one CUDA device: the practical peak MFU is quoted against (start-up sync)."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * size ** 3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
-
-
 def memory_gib(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU (GiB)."""
     if device.type == "cuda":
@@ -264,7 +249,8 @@ class Trainer:
             config.arch, config.image_size, projection_size=config.projection_size,
             projection_hidden_size=config.projection_hidden_size,
             prediction_hidden_size=config.prediction_hidden_size) if info.is_main else 0.0
-        peak = config.peak_tflops or (measure_peak_tflops(device) if device.type == "cuda" and info.is_main else None)
+        measure_peak = device.type == "cuda" and info.is_main
+        peak = config.peak_tflops or (measure_matmul_flops(device) / 1e12 if measure_peak else None)
         self.peak_flops = peak * 1e12 if peak else None
 
     def describe(self) -> dict:

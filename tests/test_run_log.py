@@ -223,3 +223,10 @@ def test_flops_match_layer_shapes_and_design_figure():
     before = byol_step_flops_per_image.cache_info().hits
     assert byol_step_flops_per_image("resnet50", 224) == resnet50
     assert byol_step_flops_per_image.cache_info().hits == before + 1
+
+
+def test_measured_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
+    # Make the clock advance exactly 1 s over the timed products: the rate is then 2 n^3 repeats / 1 s.
+    ticks = iter([100.0, 101.0])
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: next(ticks))
+    assert run_log.measure_matmul_flops(torch.device("cpu"), size=64, dtype=torch.float32, repeats=5) == 2 * 64**3 * 5
