@@ -44,6 +44,7 @@ from byol_fast.model import TORCHVISION_ENCODERS
 from byol_fast.schedules import WarmupCosineLR, scaled_lr
 from byol_fast.stl10 import find_stl10_root, load_stl10
 from pipelines.sources import DataError, scan_image_folder
+from pipelines.torchvision_loader import default_workers
 
 # The official protocol's defaults (DeepMind's BYOL eval config).
 LINEAR_EPOCHS = 80
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--crop-fraction", type=float, default=EVAL_CROP_FRACTION,
                          help="centre crop / resized short side (default 0.875 = 224/256; 1 keeps the whole image)")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sub.add_argument("--workers", type=int, default=8, help="data-loading worker processes")
+        sub.add_argument("--workers", type=int, default=default_workers(),
+                         help="data-loading worker processes (default: usable CPUs, at most 8)")
         sub.add_argument("--batch-size", type=int, default=None, help=f"sgd: {LINEAR_BATCH}; feature extraction: 256")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--output", default=None, help="also write the result as JSON here")
