@@ -18,7 +18,6 @@ naming it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,11 +31,6 @@ from pipelines.decode import decode_rgb, sniff_format
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
 from pipelines.torch_aug import TorchTwoViewAugment, sample_crop_boxes
-
-# torchvision 0.29 deprecates torchvision.io decoding in favour of torchcodec (not a dependency here); the
-# decoders still work, and the warning would otherwise repeat for every file.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 # JPEG start-of-frame markers (SOF0..SOF15 minus DHT C4, JPG C8, DAC CC): their header holds the component count.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
