@@ -190,7 +190,9 @@ class TrainStep:
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)  # sync: once, before capture
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, stream=self._side_stream):
+        # thread_local: data-loader threads (pin-memory, DALI, FFCV) keep making CUDA calls while
+        # this thread captures; "global" mode would turn those into capture errors.
+        with torch.cuda.graph(self._graph, stream=self._side_stream, capture_error_mode="thread_local"):
             self._step()
 
     def read_metrics(self) -> dict[str, float | int | None]:
