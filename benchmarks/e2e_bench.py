@@ -18,7 +18,6 @@ device tensors, and the step runs (one CUDA-graph replay on a GPU). Per backend:
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 import time
@@ -29,12 +28,11 @@ import torch
 from benchmarks.common import (BenchResult, Column, CpuMeter, PlotSpec, apply_threads, bench_parser,
                                calibrated_calls, flops_per_image, oom_or_error, peak_flops, peak_memory_gib,
                                reset_peak_memory, resolve_device, synchronize, synthetic_train_dir, warm_and_time)
-from benchmarks.pipeline_bench import describe, make_beton, parse_backends, start_timed_epoch
+from benchmarks.pipeline_bench import describe, parse_backends, skip_reason, timed_backend_epoch
 from benchmarks.step_bench import BASE_LR, TAU, VARIANTS, build_step, warmup_calls
 from byol_fast.run_log import mfu
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
-from pipelines.factory import backend_installed, build_train_loader
 from pipelines.spec import AugmentationSpec
 
 
@@ -78,23 +76,20 @@ def measure_backend(backend: str, step: TrainStep, train_dir: Path, workdir: Pat
     row = {"backend": backend, "where": describe(backend, device, workers), "arch": arch, "batch": batch,
            "image_size": spec.image_size, "status": "ok", "images_per_s": None, "mfu": None,
            "data_wait_pct": None, "host_wait_pct": None, "cpu_cores_used": None}
-    if not backend_installed(backend):
-        return {**row, "status": f"skipped: {'nvidia.dali' if backend == 'dali' else backend} is not installed"}
-    threads = torch.get_num_threads()
-    loader = batches = None
+    reason = skip_reason(backend)
+    if reason:
+        return {**row, "status": reason}
     try:
-        source = make_beton(train_dir, workdir, max_resolution=512) if backend == "ffcv" else train_dir
-        loader = build_train_loader(backend, source, spec, batch, device=device, dtype=step.input_dtype,
-                                    workers=workers, out=step.inputs)
-        epoch = start_timed_epoch(loader, lambda views: step(*views), device, warmup)
-        batches = epoch.batches
-        probe = run_loop(step, batches, 2, schedules, warmup)
-        high = min(max_steps, epoch.left - 2)
-        count = calibrated_calls(probe["wall_s"] / 2, target_s, min(min_steps, high), high)
-        meter = CpuMeter()
-        meter.start()
-        timed = run_loop(step, batches, count, schedules, warmup + 2)
-        cores = meter.stop() / timed["wall_s"]
+        with timed_backend_epoch(backend, train_dir, workdir, spec, batch, device, step.input_dtype, workers,
+                                 lambda views: step(*views), warmup, out=step.inputs) as epoch:
+            batches = epoch.batches
+            probe = run_loop(step, batches, 2, schedules, warmup)
+            high = min(max_steps, epoch.left - 2)
+            count = calibrated_calls(probe["wall_s"] / 2, target_s, min(min_steps, high), high)
+            meter = CpuMeter()
+            meter.start()
+            timed = run_loop(step, batches, count, schedules, warmup + 2)
+            cores = meter.stop() / timed["wall_s"]
     except Exception as err:  # one broken backend must not hide the others
         row["status"] = oom_or_error(err)
     else:
@@ -104,14 +99,6 @@ def measure_backend(backend: str, step: TrainStep, train_dir: Path, workdir: Pat
                    data_wait_pct=round(100 * timed["data_wait"], 1), host_wait_pct=round(100 * timed["host_wait"], 1),
                    cpu_cores_used=round(cores, 2), timed_steps=count,
                    epoch_start_s=round(max(0.0, epoch.first_batch_s - timed["wall_s"] / count), 3))
-    finally:
-        if batches is not None:
-            batches.close()
-        if loader is not None:
-            loader.close()
-        del loader, batches
-        gc.collect()
-        torch.set_num_threads(threads)  # ffcv sets torch's thread count process-wide
     return row
 
 

@@ -19,6 +19,7 @@ seconds of this process, its threads and its worker processes / wall seconds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
@@ -106,6 +107,40 @@ def make_beton(train_dir: Path, workdir: Path, max_resolution: int) -> Path:
     return path
 
 
+
+def skip_reason(backend: str) -> str | None:
+    """The row status of a backend whose package is missing here, else None."""
+    if backend_installed(backend):
+        return None
+    return f"skipped: {'nvidia.dali' if backend == 'dali' else backend} is not installed"
+
+
+@contextlib.contextmanager
+def timed_backend_epoch(backend: str, train_dir: Path, beton_dir: Path, spec: AugmentationSpec, batch: int,
+                        device: torch.device, dtype: torch.dtype, workers: int, consume: Callable[[tuple], None],
+                        warmup: int, out: tuple | None = None) -> Iterator[TimedEpoch]:
+    """`backend` over the JPEGs (converted to .beton first for ffcv), warmed up by `start_timed_epoch`.
+
+    Always closes the epoch and the loader, frees them and restores torch's thread count,
+    which ffcv changes process-wide, so one backend cannot slow the next.
+    """
+    threads = torch.get_num_threads()
+    loader = epoch = None
+    try:
+        source = make_beton(train_dir, beton_dir, max_resolution=512) if backend == "ffcv" else train_dir
+        loader = build_train_loader(backend, source, spec, batch, device=device, dtype=dtype, workers=workers,
+                                    out=out)
+        epoch = start_timed_epoch(loader, consume, device, warmup)
+        yield epoch
+    finally:
+        if epoch is not None:
+            epoch.batches.close()
+        if loader is not None:
+            loader.close()
+        del loader, epoch
+        gc.collect()
+        torch.set_num_threads(threads)
+
 def measure_backend(backend: str, train_dir: Path, beton_dir: Path, spec: AugmentationSpec, batch: int,
                     device: torch.device, workers: int, warmup: int, target_s: float, min_batches: int,
                     max_batches: int) -> dict:
@@ -114,30 +149,28 @@ def measure_backend(backend: str, train_dir: Path, beton_dir: Path, spec: Augmen
     row = {"backend": backend, "where": describe(backend, device, workers), "batch": batch,
            "image_size": spec.image_size, "status": "ok", "images_per_s": None, "batch_ms": None,
            "cpu_cores_used": None, "images_per_core_s": None}
-    if not backend_installed(backend):
-        return {**row, "status": f"skipped: {'nvidia.dali' if backend == 'dali' else backend} is not installed"}
-    threads = torch.get_num_threads()
-    loader = batches = None
+    reason = skip_reason(backend)
+    if reason:
+        return {**row, "status": reason}
     try:
         setup = time.perf_counter()
-        source = make_beton(train_dir, beton_dir, max_resolution=512) if backend == "ffcv" else train_dir
-        loader = build_train_loader(backend, source, spec, batch, device=device, dtype=dtype, workers=workers)
-        epoch = start_timed_epoch(loader, lambda item: None, device, warmup)
-        batches = epoch.batches
-        row["setup_s"] = round(time.perf_counter() - setup, 1)
-        probe = time.perf_counter()
-        next(batches)
-        synchronize(device)
-        high = min(max_batches, epoch.left - 1)
-        count = calibrated_calls(time.perf_counter() - probe, target_s, min(min_batches, high), high)
-        meter = CpuMeter()
-        meter.start()
-        start = time.perf_counter()
-        for _ in range(count):
+        with timed_backend_epoch(backend, train_dir, beton_dir, spec, batch, device, dtype, workers,
+                                 lambda item: None, warmup) as epoch:
+            batches = epoch.batches
+            row["setup_s"] = round(time.perf_counter() - setup, 1)
+            probe = time.perf_counter()
             next(batches)
-        synchronize(device)  # sync: timer edge
-        wall = time.perf_counter() - start
-        cores = meter.stop() / wall
+            synchronize(device)
+            high = min(max_batches, epoch.left - 1)
+            count = calibrated_calls(time.perf_counter() - probe, target_s, min(min_batches, high), high)
+            meter = CpuMeter()
+            meter.start()
+            start = time.perf_counter()
+            for _ in range(count):
+                next(batches)
+            synchronize(device)  # sync: timer edge
+            wall = time.perf_counter() - start
+            cores = meter.stop() / wall
     except Exception as err:  # one broken backend must not hide the others
         row["status"] = oom_or_error(err)
     else:
@@ -145,14 +178,6 @@ def measure_backend(backend: str, train_dir: Path, beton_dir: Path, spec: Augmen
         row.update(images_per_s=round(images_per_s, 1), batch_ms=round(wall / count * 1e3, 2),
                    cpu_cores_used=round(cores, 2), images_per_core_s=round(images_per_s / max(cores, 1e-9), 1),
                    epoch_start_s=round(max(0.0, epoch.first_batch_s - wall / count), 3), timed_batches=count)
-    finally:
-        if batches is not None:
-            batches.close()
-        if loader is not None:
-            loader.close()
-        del loader, batches
-        gc.collect()
-        torch.set_num_threads(threads)  # ffcv sets torch's thread count process-wide
     return row
 
 
