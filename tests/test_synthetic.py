@@ -81,13 +81,16 @@ def test_colour_does_not_identify_the_class() -> None:
 
 
 def test_class_factors_cover_distinct_combinations() -> None:
-    assert class_factors(3, 10) == {"family": 3, "fill": 3, "layout": None}
-    assert class_factors(17, 40) == {"family": 7, "fill": 0, "layout": None}
-    assert class_factors(17, 41) == {"family": 7, "fill": 0, "layout": 0}
+    assert class_factors(3, 10) == {"family": 3, "fill": 3, "size": None}
+    assert class_factors(17, 100) == {"family": 7, "fill": 8, "size": None}
+    assert class_factors(17, 101) == {"family": 7, "fill": 8, "size": 0}
+    assert class_factors(123, 300) == {"family": 3, "fill": 5, "size": 1}
+    # With ten classes every class has a fill of its own: the cue that survives the tightest crops.
+    assert sorted(class_factors(k, 10)["fill"] for k in range(10)) == list(range(10))
     combos = {tuple(class_factors(k, MAX_CLASSES).values()) for k in range(MAX_CLASSES)}
-    assert len(combos) == MAX_CLASSES == 120
+    assert len(combos) == MAX_CLASSES == 300
     names = class_names(MAX_CLASSES)
-    assert names == sorted(names) and len(set(names)) == 120 and names[17] == "c017_hexagon_solid_single"
+    assert names == sorted(names) and len(set(names)) == 300 and names[17] == "c017_hexagon_blobs_large"
 
 
 def test_refuses_foreign_or_existing_trees(tmp_path: Path) -> None:
@@ -109,8 +112,8 @@ def test_refuses_foreign_or_existing_trees(tmp_path: Path) -> None:
 
 
 def test_argument_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="classes=121"):
-        make_synthetic(tmp_path / "a", images=200, classes=121)
+    with pytest.raises(ValueError, match="classes=301"):
+        make_synthetic(tmp_path / "a", images=400, classes=301)
     with pytest.raises(ValueError, match="every class needs one image per split"):
         make_synthetic(tmp_path / "b", images=20, classes=10, val_fraction=0.3)
     with pytest.raises(ValueError, match="val_fraction=1.0"):
