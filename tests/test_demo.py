@@ -1,4 +1,4 @@
-"""The README's main-job command, `byol-fast train --preset demo`, end to end on the CPU (capped at 2 steps)."""
+"""The README's main job, `byol-fast train --preset demo`, run whole on the CPU: its data, its run and its kNN rise."""
 
 import json
 import math
@@ -9,33 +9,48 @@ import torch
 
 from byol_fast import cli
 
+# MEASURED (2-core CPU, torch 2.14.1, 2026-11-23), the demo's kNN top-1 on its 256 val images after each epoch:
+#   16.4% (random init), 18.4, 20.3, 18.8, 19.9, 19.9, 18.8, 21.5, 20.3, 23.0, 23.0, 23.4, 23.0%
+# The run is deterministic on a given machine (two runs gave the same numbers). The test monitors every third
+# epoch (0, 3, 6, 9, 12: 16.4, 18.8, 18.8, 23.0, 23.0%), which saves a minute of feature extraction and does
+# not change training (the monitor draws no random numbers).
+KNN_GAIN = 0.04
+"""The final kNN top-1 must beat the random-init one by this much (measured gain: 0.066, 17 more of 256 right)."""
+
 
 @pytest.mark.slow
-def test_demo_preset_writes_its_data_and_trains(tmp_path: Path, monkeypatch, capsys):
+def test_demo_writes_its_data_trains_and_its_knn_rises(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the preset's paths (data/synthetic, runs/demo) are relative, as in the README
     threads = torch.get_num_threads()
     try:
-        assert cli.main(["train", "--preset", "demo", "--max-steps", "2"]) == 0
+        assert cli.main(["train", "--preset", "demo", "--knn-every-epochs", "3"]) == 0
     finally:
         torch.set_num_threads(threads)
     error = capsys.readouterr().err
-    assert "writing 640 synthetic images to data/synthetic" in error
+    assert "writing 768 synthetic images to data/synthetic" in error
     assert "resnet18 at 64px, global batch 64 (1 rank(s)), torchvision data on cpu" in error
-    assert "steps 0 -> 2 of 96" in error
+    assert "steps 0 -> 96 of 96" in error
     train_images = list((tmp_path / "data" / "synthetic" / "train").rglob("*.JPEG"))
     val_images = list((tmp_path / "data" / "synthetic" / "val").rglob("*.JPEG"))
-    assert (len(train_images), len(val_images)) == (512, 128)
+    assert (len(train_images), len(val_images)) == (512, 256)
     run_dir = tmp_path / "runs" / "demo"
-    assert (run_dir / "checkpoints" / "step_00000002.pt").is_file()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert checkpoints == ["step_00000032.pt", "step_00000064.pt", "step_00000096.pt"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preset"] == "demo" and config["resolved"]["total_steps"] == 96
+
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    knn = lines[0]  # the random-init baseline of the kNN monitor, before the first step
-    assert (knn["step"], knn["epoch"]) == (0, 0) and 0.0 <= knn["knn_top1"] <= 1.0 and knn["knn_seconds"] > 0
-    assert "kNN top-1 after epoch 0:" in error
-    record = lines[-1]
-    assert record["step"] == 2
+    knn = [(line["epoch"], line["knn_top1"]) for line in lines if "knn_top1" in line]
+    assert [epoch for epoch, _ in knn] == [0, 3, 6, 9, 12]
+    assert all(line["knn_seconds"] > 0 for line in lines if "knn_top1" in line)
+    top1 = [value for _, value in knn]
+    assert top1[-1] >= top1[0] + KNN_GAIN, f"kNN top-1 by epoch: {knn}"
+    assert min(top1[3:]) > max(top1[:3]), f"the second half of training is not above the first: {knn}"
+
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == list(range(8, 97, 8))
     # BYOL's symmetric loss (two directions of 2 - 2 cos) lies in [0, 8]; near 4 for unrelated projections.
-    assert math.isfinite(record["loss"]) and 2.0 < record["loss"] < 8.0
-    assert record["images_per_s"] > 0 and 0 <= record["data_wait_pct"] <= 100
-    assert record["lr"] == pytest.approx(0.3 * 64 / 256 * 1 / 16)  # warm-up: step 1 of 16
+    assert all(math.isfinite(line["loss"]) for line in steps)
+    assert 3.5 < steps[0]["loss"] < 8.0 and steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    assert steps[0]["lr"] == pytest.approx(0.3 * 64 / 256 * 7 / 16)  # warm-up: the 8th step (index 7) of 16
+    assert all(line["images_per_s"] > 0 and 0 <= line["data_wait_pct"] <= 100 for line in steps)
