@@ -51,8 +51,9 @@ of the short side are a few pixels in its views, and its kNN top-1 stayed at cha
 _MIN_PERIOD = 0.12
 """Smallest fill-pattern period as a fraction of the short side: ~8 pixels when a whole image becomes 64."""
 _DARK, _BRIGHT, _BACKGROUND = (10, 60), (195, 250), (100, 150)
-"""Luminance bands (8-bit) of the two colours inside an object and of the background's grey: an object
-is one dark and one bright colour, so it and its pattern stand out against the background in grayscale too."""
+"""Luminance bands (8-bit) of the two colours inside an object, and of the colour whose channel mean sets
+the background's grey (so that grey lies near, not exactly in, its band): an object is one dark and one
+bright colour, so it and its pattern stand out against the mid-grey background in grayscale too."""
 _OCTAVES = ((150, 30), (24, 12), (4, 16))
 """(cell size in pixels, amplitude in 8-bit units) of the background texture's layers, coarse to fine."""
 _GRAIN = 16
