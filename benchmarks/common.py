@@ -172,19 +172,18 @@ def synthetic_train_dir(data: Path | None, images: int, workers: int) -> Path:
     """The image folder to read: `data` itself, or a synthetic tree of `images` JPEGs made once and reused.
 
     The tree goes to data/synthetic-bench-<images> (git-ignored) and is reused while its
-    manifest says it holds that many images.
+    manifest says the current generator wrote it with these settings.
     """
     if data is not None:
         if not Path(data).exists():
             raise ValueError(f"--data {data} does not exist: point it at an image folder, or drop it to use "
                              f"synthetic JPEGs (pipelines.synthetic)")
         return Path(data)
-    from pipelines.synthetic import MANIFEST, make_synthetic
+    from pipelines.synthetic import make_synthetic, stale_reason
 
     root = RESULTS_DIR.parents[1] / "data" / f"synthetic-bench-{images}"
-    manifest = root / MANIFEST
-    if not (manifest.is_file() and json.loads(manifest.read_text()).get("images") == images):
-        make_synthetic(root, images, classes=10, workers=workers, overwrite=manifest.is_file())
+    if stale_reason(root, images) is not None:
+        make_synthetic(root, images, workers=workers, overwrite=True)
     return root / "train"
 
 

@@ -49,7 +49,8 @@ class TrainConfig:
     CPU mode on the CPU), "ffcv", "views" (pre-made views from a .pt file, for tests) or "auto" (DALI on CUDA
     when installed, else torch on CUDA, else torchvision)."""
     val_data: str | None = None
-    """Optional labelled held-out folder (`<val>/<class>/<img>`, the same classes as `data`) for the kNN monitor."""
+    """Optional labelled held-out folder (`<val>/<class>/<img>`, the same classes as `data`) for the kNN monitor.
+    Unset where synthetic data is written with synthetic_val_images > 0, it is that tree's val split."""
     knn_every_epochs: int = 1
     """With val_data: kNN top-1 (k=20, cosine-weighted) every this many epochs and before training; 0 turns it off."""
     knn_bank_images: int = 10000
@@ -115,8 +116,9 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (benchmarks, tests); schedules still span all epochs."""
     synthetic_images: int = 0
-    """If > 0 and `data` does not exist, first write this many synthetic training images to `data`
-    (which must end in /train) with `pipelines.synthetic.make_synthetic`."""
+    """If > 0 and `data` does not exist (or holds a synthetic tree written with other settings or by older
+    code), first write this many synthetic training images to `data` (which must then end in /train) with
+    `pipelines.synthetic.make_synthetic`. An existing image folder of your own is read as it is."""
     synthetic_val_images: int = 0
     """Synthetic images written to the sibling /val folder alongside `synthetic_images`."""
     peak_tflops: float | None = None
@@ -175,13 +177,19 @@ class TrainConfig:
         self._validate_data()
 
     def _validate_data(self) -> None:
+        from pipelines.synthetic import DEFAULT_CLASSES
+
         path = Path(self.data).expanduser()
-        if self.synthetic_images > 0:
-            if path.name != "train":
-                raise ValueError(f"synthetic_images={self.synthetic_images} writes <root>/train and <root>/val, "
-                                 f"so data must end in /train (got {self.data!r}): e.g. --data data/synthetic/train")
-            return  # written at start-up when missing
-        if not path.exists():
+        if self.writes_synthetic() and path.name != "train":
+            raise ValueError(f"synthetic_images={self.synthetic_images} writes <root>/train and <root>/val, "
+                             f"so data must end in /train (got {self.data!r}): e.g. --data data/synthetic/train")
+        too_few = self.synthetic_images < DEFAULT_CLASSES or 0 < self.synthetic_val_images < DEFAULT_CLASSES
+        if self.writes_synthetic() and too_few:
+            raise ValueError(f"synthetic_images={self.synthetic_images} and synthetic_val_images="
+                             f"{self.synthetic_val_images}: the built-in data has {DEFAULT_CLASSES} classes and every "
+                             f"class needs an image in each split written, so use at least {DEFAULT_CLASSES} "
+                             f"(or 0 val images)")
+        if not path.exists() and not self.writes_synthetic():
             root = path.parent if path.name == "train" else path
             raise ValueError(f"training data {path} does not exist: pass --data DIR (an ImageNet-style folder "
                              f"<DIR>/<class>/<image>), or create the built-in data with `byol-fast make-synthetic "
@@ -189,18 +197,35 @@ class TrainConfig:
         if self.data_backend == "ffcv" and path.suffix != ".beton":
             raise ValueError(f"data_backend='ffcv' reads a .beton file, got {path}: convert the folder with "
                              f"`byol-fast convert-ffcv {path} OUT.beton` and pass --data OUT.beton")
-        if self.val_data and self.knn_every_epochs and not path.is_dir():
-            raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an image "
-                             f"folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
-        if self.val_data and self.knn_every_epochs and self.synthetic_val_images == 0 \
-                and not Path(self.val_data).expanduser().is_dir():
-            raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> tree "
-                             f"or --knn-every-epochs 0")
+        val = self.resolved_val_data()
+        if val is not None and self.knn_every_epochs:
+            if not (self.writes_synthetic() or path.is_dir()):
+                raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
+                                 f"image folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
+            if not (self.writes_synthetic() or val.is_dir()):
+                raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> "
+                                 f"tree with --val-data, or --knn-every-epochs 0")
         if self.data_backend == "views" and path.suffix != ".pt":
             raise ValueError(f"data_backend='views' reads a .pt file of pre-made views, got {path}: "
                              f"use another --data-backend for image folders")
 
     # ---- derived values -------------------------------------------------------------------------
+
+    def writes_synthetic(self) -> bool:
+        """Whether start-up writes the built-in data (train.ensure_synthetic_data): synthetic_images > 0 and
+        `data` is missing or lies in a tree pipelines.synthetic wrote; a folder of the user's is read as it is."""
+        from pipelines.synthetic import MANIFEST  # here: the config imports without the data stack
+
+        path = Path(self.data).expanduser()
+        return self.synthetic_images > 0 and (not path.exists() or (path.parent / MANIFEST).is_file())
+
+    def resolved_val_data(self) -> Path | None:
+        """The kNN monitor's labelled folder: val_data, else the val split of the synthetic data written."""
+        if self.val_data:
+            return Path(self.val_data).expanduser()
+        if self.writes_synthetic() and self.synthetic_val_images > 0:
+            return Path(self.data).expanduser().parent / "val"
+        return None
 
     def resolved_device(self) -> str:
         """"cuda" or "cpu" for device="auto" (CUDA when available)."""

@@ -55,7 +55,7 @@ from byol_fast.step import TrainStep
 from pipelines.factory import build_train_loader, resolve_backend
 from pipelines.sources import ImageList, scan_image_folder
 from pipelines.spec import AugmentationSpec
-from pipelines.synthetic import MANIFEST, make_synthetic
+from pipelines.synthetic import make_synthetic, stale_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Settings a resumed run must share with its checkpoint: they fix the model's shape, the schedules
@@ -142,30 +142,31 @@ def _resume_path(config: TrainConfig) -> Path | None:
 # ---- set-up helpers -----------------------------------------------------------------------------
 
 def ensure_synthetic_data(config: TrainConfig, info: DistInfo) -> None:
-    """Write the built-in data on rank 0 when the config asks for it and it is missing; others wait."""
-    if config.synthetic_images == 0:
+    """Write the built-in data on rank 0 when the config asks for it (TrainConfig.writes_synthetic) and
+    `data` is missing or holds a tree made with other settings, by older code or by an interrupted write;
+    the other ranks wait."""
+    if not config.writes_synthetic():
         return
-    train = Path(config.data).expanduser()
-    root = train.parent
-    if info.is_main and not train.exists():
-        total = config.synthetic_images + config.synthetic_val_images
-        print(f"byol-fast train: writing {total} synthetic images to {root} (first use only)", file=sys.stderr)
-        make_synthetic(root, images=total, val_fraction=config.synthetic_val_images / total,
-                       workers=max(1, min(config.workers, 8)))
-    elif info.is_main and not (root / MANIFEST).is_file():
-        raise ValueError(f"{root} holds an incomplete synthetic tree (no {MANIFEST}; an earlier write was "
-                         f"interrupted): delete {root} and run again")
+    root = Path(config.data).expanduser().parent
+    total = config.synthetic_images + config.synthetic_val_images
+    val_fraction = config.synthetic_val_images / total
+    reason = stale_reason(root, total, val_fraction=val_fraction)
+    if info.is_main and reason is not None:
+        print(f"byol-fast train: writing {total} synthetic images to {root} ({reason})", file=sys.stderr)
+        make_synthetic(root, images=total, val_fraction=val_fraction, workers=max(1, min(config.workers, 8)),
+                       overwrite=True)
     barrier(info)
 
 
 def build_knn_monitor(config: TrainConfig, info: DistInfo) -> KnnMonitor | None:
-    """The kNN monitor, on rank 0 only, when the config names a labelled val_data folder."""
-    if not (config.val_data and config.knn_every_epochs and info.is_main):
+    """The kNN monitor, on rank 0 only, when the config has a labelled val folder (TrainConfig.resolved_val_data)."""
+    val = config.resolved_val_data()
+    if not (val is not None and config.knn_every_epochs and info.is_main):
         return None
     bank = scan_image_folder(config.data)
     stride = -(-len(bank) // config.knn_bank_images)  # ceil: an even subsample of at most knn_bank_images
     bank = ImageList(bank.files[::stride], bank.labels[::stride], bank.classes)
-    return KnnMonitor(bank, scan_image_folder(config.val_data), config.knn_every_epochs,
+    return KnnMonitor(bank, scan_image_folder(val), config.knn_every_epochs,
                       image_size=config.image_size, device=info.device)
 
 

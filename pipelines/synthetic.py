@@ -27,7 +27,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -40,8 +40,14 @@ FAMILIES = ("disk", "ring", "square", "triangle", "star", "cross", "crescent", "
 FILLS = ("solid", "stripes", "checker", "dots", "grid", "rings", "waves", "zigzag", "blobs", "bricks")
 SIZES = ("large", "medium", "small")
 MAX_CLASSES = len(FAMILIES) * len(FILLS) * len(SIZES)
+DEFAULT_CLASSES = 10
+"""Classes of the built-in data unless asked otherwise (`byol-fast train` writes this many)."""
 MANIFEST = "synthetic.json"
-"""File written at the tree's root; its presence lets --overwrite replace a tree we made (and only that)."""
+"""File written at the tree's root before the first image; its presence lets --overwrite replace a tree we
+made (and only that), and its "complete" flag tells a finished tree from an interrupted write."""
+GENERATOR = 2
+"""Version of render_image's pixels, kept in the manifest. Bump it whenever the pictures change, so that a
+tree written by older code is re-made (see stale_reason) rather than silently reused."""
 
 _SIZE_RANGES = {"large": ((1.2, 2.0), (0.40, 0.55)), "medium": ((2.5, 4.0), (0.28, 0.38)),
                 "small": ((5.0, 8.0), (0.18, 0.25))}
@@ -214,11 +220,11 @@ def _draw_object(picture: Image.Image, outline: tuple[np.ndarray, np.ndarray | N
     dark_first = rng.random() < 0.5
     first = _colour_in_band(rng, _DARK if dark_first else _BRIGHT)
     second = _colour_in_band(rng, _BRIGHT if dark_first else _DARK)
-    foreground = Image.new("RGB", (width, height), tuple(int(c) for c in first))
+    # Colours and pattern are laid over the object's bounding box only: the mask is 0 everywhere else.
+    foreground = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), tuple(int(c) for c in first))
     if fill != "solid":
-        # Only the object's bounding box gets a pattern: the one costly part of a patterned fill.
-        foreground.paste(tuple(int(c) for c in second), box, _fill_pattern(fill, box, period, rng))
-    picture.paste(foreground, (0, 0), mask)
+        foreground.paste(tuple(int(c) for c in second), (0, 0), _fill_pattern(fill, box, period, rng))
+    picture.paste(foreground, box, mask.crop(box))
 
 
 def render_image(label: int, num_classes: int, seed: int, index: int) -> np.ndarray:
@@ -275,7 +281,7 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
                         f"pick an empty or new folder (nothing there is deleted, even with --overwrite)")
     if not overwrite:
         raise DataError(f"{root} already holds a synthetic tree: pass --overwrite to replace it, or pick a new folder")
-    for part in ("train", "val", MANIFEST):
+    for part in ("train", "val", MANIFEST, MANIFEST + ".partial"):
         target = root / part
         if target.is_dir():
             shutil.rmtree(target)
@@ -283,8 +289,36 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
             target.unlink()
 
 
-def make_synthetic(root: str | Path, images: int, classes: int = 10, seed: int = 0, val_fraction: float = 0.0,
-                   quality: int = 95, workers: int = 1, overwrite: bool = False) -> SyntheticSummary:
+def _settings(images: int, classes: int, seed: int, val_fraction: float, quality: int) -> dict[str, object]:
+    """What a tree's pixels depend on: the manifest entries that stale_reason compares."""
+    return {"generator": GENERATOR, "images": images, "classes": classes, "seed": seed,
+            "val_fraction": val_fraction, "quality": quality}
+
+
+def _write_manifest(root: Path, content: dict[str, object]) -> None:
+    """Replace the manifest atomically, so that a reader never sees half of one."""
+    partial = root / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(content, indent=1))
+    partial.replace(root / MANIFEST)
+
+
+def stale_reason(root: str | Path, images: int, classes: int = DEFAULT_CLASSES, seed: int = 0,
+                 val_fraction: float = 0.0, quality: int = 95) -> str | None:
+    """Why `root` must be (re)written to hold make_synthetic's tree for these settings; None if it already does."""
+    manifest = Path(root).expanduser() / MANIFEST
+    if not manifest.is_file():
+        return "it does not exist yet" if not Path(root).expanduser().exists() else f"it holds no {MANIFEST}"
+    written = json.loads(manifest.read_text())
+    if not written.get("complete", False):
+        return "an earlier write was interrupted"
+    wanted = _settings(images, classes, seed, val_fraction, quality)
+    changed = [f"{key} {written.get(key)} -> {value}" for key, value in wanted.items() if written.get(key) != value]
+    return f"it was written with other settings ({', '.join(changed)})" if changed else None
+
+
+def make_synthetic(root: str | Path, images: int, classes: int = DEFAULT_CLASSES, seed: int = 0,
+                   val_fraction: float = 0.0, quality: int = 95, workers: int = 1,
+                   overwrite: bool = False) -> SyntheticSummary:
     """Write `images` JPEGs (train plus val) under `root`; image i has label i % classes.
 
     The last round(images * val_fraction) images go to root/val, the rest to
@@ -305,6 +339,9 @@ def make_synthetic(root: str | Path, images: int, classes: int = 10, seed: int =
                          f"raise --images or lower --classes")
     root = Path(root).expanduser().resolve()
     _prepare_root(root, overwrite)
+    settings = _settings(images, classes, seed, val_fraction, quality)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_manifest(root, {**settings, "complete": False})
     names = class_names(classes)
     jobs = []
     for index in range(images):
@@ -321,9 +358,9 @@ def make_synthetic(root: str | Path, images: int, classes: int = 10, seed: int =
             sizes = pool.map(_write_one, jobs, chunksize=16)
     summary = SyntheticSummary(root=str(root), train_images=train_images, val_images=val_images, classes=names,
                                mean_file_bytes=float(np.mean(sizes)), seconds=time.perf_counter() - start)
-    manifest = {"images": images, "classes": classes, "seed": seed, "val_fraction": val_fraction,
-                "quality": quality, **{k: v for k, v in asdict(summary).items() if k not in ("root", "seconds")}}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    written = {"train_images": train_images, "val_images": val_images, "class_names": names,
+               "mean_file_bytes": summary.mean_file_bytes}
+    _write_manifest(root, {**settings, **written, "complete": True})
     return summary
 
 
@@ -332,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol-fast make-synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="output folder (created; must be empty or a tree written by this command)")
     parser.add_argument("--images", type=int, required=True, help="total images, train plus val")
-    parser.add_argument("--classes", type=int, default=10, help=f"number of classes, 1..{MAX_CLASSES} (default 10)")
+    parser.add_argument("--classes", type=int, default=DEFAULT_CLASSES,
+                        help=f"number of classes, 1..{MAX_CLASSES} (default {DEFAULT_CLASSES})")
     parser.add_argument("--seed", type=int, default=0, help="the tree is a pure function of the seed (default 0)")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="share of images written to DIR/val")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95: ~120 KB per image)")

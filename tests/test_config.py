@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from byol_fast import train
 from byol_fast.config import TrainConfig, available_presets, load_preset, parse_value, resolve_config
@@ -144,6 +145,41 @@ def test_missing_data_names_make_synthetic(tmp_path: Path):
         resolve_config(overrides={"data": str(tmp_path / "x"), "synthetic_images": 10}).validate(device="cpu")
 
 
+def test_synthetic_data_is_written_when_missing_or_stale_and_a_users_folder_is_read_as_is(
+        tmp_path: Path, monkeypatch, capsys):
+    from byol_fast.distributed import DistInfo
+    from pipelines import synthetic
+
+    one_process = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    small = {"synthetic_images": 10, "synthetic_val_images": 10, "global_batch": 2}
+    config = resolve_config("demo", overrides={"data": str(tmp_path / "syn" / "train"), **small})
+    config.validate(device="cpu")  # nothing there yet: it is written, and its val split feeds the kNN monitor
+    assert config.resolved_val_data() == tmp_path / "syn" / "val"
+    train.ensure_synthetic_data(config, one_process)
+    assert "writing 20 synthetic images" in capsys.readouterr().err
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "syn").rglob("*.JPEG")}
+    assert len(first) == 20
+    train.ensure_synthetic_data(config, one_process)  # current: reused
+    assert capsys.readouterr().err == "" and {p: p.stat().st_mtime_ns for p in first} == first
+    monkeypatch.setattr(synthetic, "GENERATOR", synthetic.GENERATOR + 1)  # newer code draws other pictures
+    train.ensure_synthetic_data(config, one_process)
+    assert f"(it was written with other settings (generator {synthetic.GENERATOR - 1} ->" in capsys.readouterr().err
+    assert len(list((tmp_path / "syn").rglob("*.JPEG"))) == 20
+
+    users = tmp_path / "photos" / "train"  # the demo preset pointed at the user's own folder
+    (users / "cats").mkdir(parents=True)
+    (users / "cats" / "tom.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"val_data .*syn-missing/val is not a folder.*--knn-every-epochs 0"):
+        resolve_config("demo", overrides={"data": str(users), "val_data": str(tmp_path / "syn-missing" / "val"),
+                                          **small}).validate(device="cpu")
+    mine = resolve_config("demo", overrides={"data": str(users), **small})
+    mine.validate(device="cpu")
+    assert not mine.writes_synthetic() and mine.resolved_val_data() is None  # no val folder given: no kNN
+    train.ensure_synthetic_data(mine, one_process)
+    assert capsys.readouterr().err == ""
+    assert sorted(p.name for p in users.parent.rglob("*")) == ["cats", "tom.jpg", "train"]  # untouched
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs=20 exceeds epochs=10"),
     ({"arch": "vit_b_16"}, "arch='vit_b_16' is not supported: use one of resnet18"),
@@ -155,6 +191,8 @@ def test_missing_data_names_make_synthetic(tmp_path: Path):
     ({"log_every": 0}, "log_every=0 must be positive"),
     ({"knn_bank_images": 0}, "knn_bank_images=0 must be positive"),
     ({"val_data": "/nowhere/val"}, "val_data /nowhere/val is not a folder"),
+    ({"data": "/nowhere/train", "synthetic_images": 9}, "the built-in data has 10 classes .* at least 10"),
+    ({"data": "/nowhere/train", "synthetic_images": 10, "synthetic_val_images": 5}, "at least 10 .or 0 val"),
 ])
 def test_other_impossible_settings(data_dir: Path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -111,6 +111,39 @@ def test_refuses_foreign_or_existing_trees(tmp_path: Path) -> None:
     assert len(replaced) == 6 and replaced.num_classes == 3  # the old 4-class tree is gone, not mixed in
 
 
+def test_stale_reason_names_what_must_be_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "syn"
+    assert synthetic.stale_reason(root, 12) == "it does not exist yet"
+    make_synthetic(root, images=12, classes=3, val_fraction=0.25)
+    assert synthetic.stale_reason(root, 12, classes=3, val_fraction=0.25) is None
+    assert synthetic.stale_reason(root, 16, classes=3, val_fraction=0.25) == \
+        "it was written with other settings (images 12 -> 16)"
+    monkeypatch.setattr(synthetic, "GENERATOR", synthetic.GENERATOR + 1)  # the pictures changed since
+    assert synthetic.stale_reason(root, 12, classes=3, val_fraction=0.25) == \
+        f"it was written with other settings (generator {synthetic.GENERATOR - 1} -> {synthetic.GENERATOR})"
+
+    written, write_one = [], synthetic._write_one
+
+    def write_then_fail(job: tuple) -> int:  # an interrupted write: the third image never lands
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(job)
+        return write_one(job)
+
+    monkeypatch.setattr(synthetic, "_write_one", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(root, images=12, classes=3, overwrite=True)
+    assert synthetic.stale_reason(root, 12, classes=3) == "an earlier write was interrupted"
+    assert len(list(root.rglob("*.JPEG"))) == 2
+    monkeypatch.undo()
+    make_synthetic(root, images=12, classes=3, overwrite=True)  # an interrupted tree is ours to replace
+    assert synthetic.stale_reason(root, 12, classes=3) is None and len(list(root.rglob("*.JPEG"))) == 12
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    assert synthetic.stale_reason(foreign, 12) == f"it holds no {synthetic.MANIFEST}"
+
+
 def test_argument_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="classes=301"):
         make_synthetic(tmp_path / "a", images=400, classes=301)
