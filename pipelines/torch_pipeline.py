@@ -18,6 +18,7 @@ naming it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -67,6 +68,8 @@ def decode_cpu(data: Tensor, path: str) -> Tensor:
     """Decode bytes to a [3, H, W] uint8 RGB CPU tensor: torchvision first, PIL for what it cannot read."""
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
+        if image.dim() == 4:  # an animated GIF: all its frames; PIL and the other backends read the first
+            image = image[0]
         if image.dtype == torch.uint8:  # 16-bit PNGs come back uint16: let PIL scale them to 8 bits
             return image
     except RuntimeError:
@@ -78,6 +81,26 @@ def decode_cpu(data: Tensor, path: str) -> Tensor:
 def _gpu_decodable(data: Tensor) -> bool:
     head = data[:64 * 1024].numpy().tobytes()
     return sniff_format(head[:16]) == "jpeg" and jpeg_components(head) in (1, 3)
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream nvjpeg decodes under, one per device (see decode_to_device)."""
+    return torch.cuda.Stream(device)
+
+
+def _nvjpeg_batch(datas: list[Tensor], paths: list[str], device: torch.device) -> list[Tensor]:
+    """nvjpeg in one batched call; image by image if that fails, so one odd file cannot sink the batch."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = []
+        for data, path in zip(datas, paths):
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(decode_cpu(data, path).to(device))
+        return decoded
 
 
 def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device,
@@ -92,16 +115,16 @@ def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device
     on_gpu = [device.type == "cuda" and _gpu_decodable(d) for d in datas]
     gpu_ids = [i for i, flag in enumerate(on_gpu) if flag]
     if gpu_ids:
-        try:
-            decoded = decode_jpeg([datas[i] for i in gpu_ids], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            decoded = []
-            for i in gpu_ids:
-                try:
-                    decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    decoded.append(decode_cpu(datas[i], paths[i]).to(device))
+        # torchvision allocates nvjpeg's outputs on the current stream but writes them on its own stream
+        # without waiting for ours: memory that kernels still queued on our stream read or write (the
+        # host runs ahead of the GPU) could be handed to nvjpeg and overwritten. Decoding under a stream
+        # of our own draws the outputs from that stream's pool, which ours never frees into.
+        consumer, decoder = torch.cuda.current_stream(device), _decode_stream(device)
+        with torch.cuda.stream(decoder):
+            decoded = _nvjpeg_batch([datas[i] for i in gpu_ids], [paths[i] for i in gpu_ids], device)
+        consumer.wait_stream(decoder)
         for i, image in zip(gpu_ids, decoded):
+            image.record_stream(consumer)  # not reused by the decoder stream before our kernels are done
             out[i] = image
     cpu_ids = [i for i, flag in enumerate(on_gpu) if not flag]
     mapper = pool.map if pool is not None else map
@@ -110,9 +133,14 @@ def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device
     return out  # type: ignore[return-value]
 
 
-def _seed_for(seed: int, epoch: int, rank: int) -> int:
-    """A well-mixed 63-bit seed per (seed, epoch, rank), so ranks and epochs draw independent crops."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def _seeds_for(seed: int, epoch: int, rank: int) -> tuple[int, int]:
+    """Two well-mixed 63-bit seeds per (seed, epoch, rank), for the crop and the colour draws.
+
+    Ranks and epochs draw independent crops; the two streams must differ too, or on the CPU (where both
+    generators are the same engine) the colour draws would replay the crop draws.
+    """
+    crop, colour = np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64) >> np.uint64(1)
+    return int(crop), int(colour)
 
 
 class TorchImagePipeline:
@@ -180,9 +208,9 @@ class TorchImagePipeline:
         """
         indices = self._indices(epoch)
         chunks = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        mixed = _seed_for(self.seed, epoch, self.rank)
-        box_generator = torch.Generator().manual_seed(mixed)
-        colour_generator = torch.Generator(device=self.device).manual_seed(mixed)
+        crop_seed, colour_seed = _seeds_for(self.seed, epoch, self.rank)
+        box_generator = torch.Generator().manual_seed(crop_seed)
+        colour_generator = torch.Generator(device=self.device).manual_seed(colour_seed)
         pending = self._load([self.images.files[i] for i in chunks[0]]) if chunks else []
         for step, chunk in enumerate(chunks):
             paths = [self.images.files[i] for i in chunk]

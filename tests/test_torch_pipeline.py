@@ -17,7 +17,7 @@ from pipelines.spec import AugmentationSpec, ViewSpec
 from pipelines.torch_aug import sample_crop_boxes
 from pipelines.torch_pipeline import (
     TorchImagePipeline,
-    _seed_for,
+    _seeds_for,
     decode_to_device,
     jpeg_components,
     read_bytes,
@@ -78,7 +78,11 @@ def test_jpeg_components_and_cpu_decode_match_pil(tree, tmp_path):
     images, odd = tree
     deep = tmp_path / "deep.png"  # 16-bit: torchvision returns uint16, so PIL's 8-bit scaling is used
     Image.fromarray((np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)).save(deep)
-    images = ImageList(images.files + [str(deep)], images.labels + [NUM_FILES], images.classes)
+    animated = tmp_path / "animated.jpg"  # a GIF under a JPEG name: torchvision gives all frames, PIL the first
+    frames = [Image.fromarray(np.full((20, 30, 3), value, np.uint8)) for value in (40, 200)]
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    images = ImageList(images.files + [str(deep), str(animated)], images.labels + [NUM_FILES, NUM_FILES + 1],
+                       images.classes)
     assert jpeg_components(odd["rgb"].read_bytes()) == 3
     assert jpeg_components(odd["gray"].read_bytes()) == 1
     assert jpeg_components(odd["cmyk"].read_bytes()) == 4
@@ -114,7 +118,11 @@ def test_views_are_torchvision_resized_crops(tree, interpolation, antialias):
     images, _ = tree
     spec = _spec(PLAIN_VIEW, interpolation)
     pipeline = TorchImagePipeline(images, spec, batch_size=6, seed=3, antialias=antialias, num_threads=2)
-    generator = torch.Generator().manual_seed(_seed_for(3, 0, 0))  # the pipeline's own box stream
+    crop_seed, colour_seed = _seeds_for(3, 0, 0)
+    generator = torch.Generator().manual_seed(crop_seed)  # the pipeline's own box stream
+    # On the CPU both streams are one engine: equal seeds would make the colour draws replay the crop draws.
+    colour = torch.rand(64, generator=torch.Generator().manual_seed(colour_seed))
+    assert not torch.isclose(colour, torch.rand(64, generator=torch.Generator().manual_seed(crop_seed))).any()
     mode = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
     for view1, view2, labels in pipeline.batches(0):
         decoded = [torch.from_numpy(np.array(load_rgb(images.files[i]))).permute(2, 0, 1) for i in labels.tolist()]
@@ -206,3 +214,23 @@ def test_cuda_nvjpeg_decode_and_pipeline_contract(tree):
         labels_seen += labels.tolist()
     assert sorted(labels_seen) == list(range(NUM_FILES))
     pipeline.close()
+
+
+@pytest.mark.cuda
+def test_cuda_decode_never_gets_memory_that_queued_kernels_still_write(tree):
+    # torchvision's nvjpeg writes on its own stream without waiting for ours; were its outputs drawn from
+    # our stream's pool, it could get blocks whose queued writes (here: fills behind a long sleep) land
+    # on the decoded pixels afterwards.
+    images, _ = tree
+    files = images.files[:4]
+    datas = [read_bytes(f) for f in files]
+    reference = [image.cpu() for image in decode_to_device(datas, files, torch.device("cuda"))]
+    for _ in range(3):
+        pending = [torch.empty(image.shape, dtype=torch.uint8, device="cuda") for image in reference]
+        torch.cuda._sleep(100_000_000)  # some tens of ms of GPU time before the fills below run
+        for block in pending:
+            block.fill_(7)
+        del pending  # freed on our stream while their fills are still queued
+        decoded = decode_to_device(datas, files, torch.device("cuda"))
+        for path, got, want in zip(files, decoded, reference):
+            assert torch.equal(got.cpu(), want), path
