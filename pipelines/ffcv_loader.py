@@ -232,7 +232,8 @@ class FfcvTwoViewLoader:
                 return
             crops, labels = batch
             crops = crops.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            # On the CPU .to() is the same tensor, a view of ffcv's reused buffer: copy what we hand out.
+            labels = labels.to(self.device, non_blocking=True) if on_cuda else labels.clone()
             if on_cuda:
                 copied = torch.cuda.Event()
                 copied.record()

@@ -153,6 +153,11 @@ def test_views_follow_the_data_contract(loader: FfcvTwoViewLoader) -> None:
                 assert low[c] - 1e-5 <= view[:, c].min() and view[:, c].max() <= high[c] + 1e-5
         assert labels.dtype == torch.int64 and labels.shape == (BATCH,)
         assert not torch.equal(view1, view2)
+    # Labels kept across an epoch stay what they were: ffcv refills its few buffers (batches_ahead + 2) under
+    # tensors that view them.
+    few_buffers = FfcvTwoViewLoader(loader.path, SPEC, BATCH, seed=3, device="cpu", num_workers=1, batches_ahead=1)
+    kept = torch.cat([labels for _, _, labels in few_buffers]).tolist()
+    assert sorted(kept) == list(range(N_IMAGES))
 
 
 def test_jpeg_crops_come_from_their_own_image(loader: FfcvTwoViewLoader, jpg_set) -> None:
