@@ -19,7 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from pipelines.decode import ImageInfo, extension_format, load_rgb, probe_image
-from pipelines.sources import DataError, load_images
+from pipelines.sources import DataError, ImageList, images_under, load_images
 
 UNREADABLE = "unreadable"
 """The one fatal kind: the file cannot be decoded (truncated, corrupt, not an image)."""
@@ -110,31 +110,45 @@ def _check_job(job: tuple[str, int]) -> FileCheck:
 
 
 def _split_folders(root: Path) -> list[Path]:
-    """The class trees under `root`: its split folders (train, val, test) when it holds only those, else itself.
+    """The split folders (train, val, test) of `root` when it holds only those; else none (a class tree).
 
     So `check-data DIR` works on both DIR/train (a class tree) and DIR (as
     written by make-synthetic or laid out like ImageNet's train/ + val/).
     """
     if not root.is_dir():
-        return [root]
+        return []
     children = {entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
     splits = [name for name in _SPLITS if name in children]
-    return [root / name for name in splits] if splits and children <= set(_SPLITS) else [root]
+    return [root / name for name in splits] if splits and children <= set(_SPLITS) else []
+
+
+def _index_split(split: Path) -> ImageList:
+    """The images of one split folder: a class tree, or a flat folder of images as ImageNet's raw val/ and
+    test/ are (labels live elsewhere; here they are all 0 under one class, "unlabelled")."""
+    with os.scandir(split) as entries:
+        if any(entry.is_dir() and not entry.name.startswith(".") for entry in entries):
+            return load_images(split)
+    files = images_under(split.resolve())
+    if not files:
+        raise DataError(f"split folder {split} holds neither class folders nor images: remove it or fill it")
+    return ImageList(files=files, labels=[0] * len(files), classes=["unlabelled"])
 
 
 def check_data(root: str | Path, workers: int = 1, min_size: int = 32) -> DataReport:
     """Check every image of a folder tree (or a `path label` list file), `workers` processes at a time.
 
     A root holding only train/ (val/, test/) split folders is checked split
-    by split; `classes` counts the first split's classes.
+    by split, a flat split folder (ImageNet's raw val/) image by image;
+    `classes` counts the first split's classes.
 
     Raises DataError for a tree that cannot be indexed at all (see
     sources.scan_image_folder); per-file problems go into the report.
     """
     if workers < 1 or min_size < 1:
         raise ValueError(f"workers={workers} and min_size={min_size} must be >= 1")
-    trees = _split_folders(Path(root).expanduser())
-    indexed = [load_images(tree) for tree in trees]
+    root = Path(root).expanduser()
+    splits = _split_folders(root)
+    indexed = [_index_split(split) for split in splits] if splits else [load_images(root)]
     jobs = [(path, min_size) for images in indexed for path in images.files]
     if workers == 1:
         checks = [_check_job(job) for job in jobs]
@@ -142,7 +156,7 @@ def check_data(root: str | Path, workers: int = 1, min_size: int = 32) -> DataRe
         # spawn: the caller may hold torch threads, which fork would copy in a broken state.
         with get_context("spawn").Pool(workers) as pool:
             checks = pool.map(_check_job, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
-    report = DataReport(root=str(Path(root).expanduser().resolve()), files=len(jobs), classes=indexed[0].num_classes)
+    report = DataReport(root=str(root.resolve()), files=len(jobs), classes=indexed[0].num_classes)
     for check in checks:
         report.total_bytes += check.bytes
         if check.issues:

@@ -64,6 +64,18 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def images_under(folder: str | Path) -> list[str]:
+    """The image files in `folder` and its sub-folders, sorted; hidden files and folders are skipped.
+
+    Recursive so that nested layouts (class/sub/img.jpg) still count, as torchvision's ImageFolder does.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # e.g. .ipynb_checkpoints: not data
+        found += [os.path.join(dirpath, f) for f in filenames if is_image_name(f) and not f.startswith(".")]
+    return sorted(found)
+
+
 def scan_image_folder(root: str | Path) -> ImageList:
     """Index an ImageNet-layout tree `root/<class>/<image>` (e.g. ImageNet's `train/`).
 
@@ -91,13 +103,7 @@ def scan_image_folder(root: str | Path) -> ImageList:
     empty: list[str] = []
     for label, name in enumerate(class_dirs):
         class_dir = root_path / name
-        # Walk recursively so nested layouts (class/sub/img.jpg) still count, as torchvision's ImageFolder does.
-        found = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True)
-            for f in filenames
-            if is_image_name(f) and not f.startswith(".")
-        )
+        found = images_under(class_dir)
         if not found:
             empty.append(str(class_dir))
         files.extend(found)
@@ -128,18 +134,23 @@ def read_file_list(path: str | Path) -> ImageList:
     base = list_path.parent
     files: list[str] = []
     labels: list[int] = []
-    with open(list_path, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise DataError(f"{list_path}, line {number}: {line!r} is not 'path label' with a non-negative "
-                                f"integer label; fix or remove the line")
-            image = Path(parts[0]).expanduser()
-            files.append(str(image if image.is_absolute() else base / image))
-            labels.append(int(parts[1]))
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{list_path} is not a text list of 'path label' lines (byte {err.start} is not UTF-8 "
+                        f"text): pass an image folder <dir>/<class>/<image>, a list file, or for a .beton file "
+                        f"--data-backend ffcv") from err
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise DataError(f"{list_path}, line {number}: {line!r} is not 'path label' with a non-negative "
+                            f"integer label; fix or remove the line")
+        image = Path(parts[0]).expanduser()
+        files.append(str(image if image.is_absolute() else base / image))
+        labels.append(int(parts[1]))
     if not files:
         raise DataError(f"file list {list_path} has no 'path label' lines: add at least one image")
     missing = [f for f in files if not os.path.isfile(f)]

@@ -106,3 +106,11 @@ def test_split_root_is_checked_per_split(tmp_path: Path) -> None:
             (folder / f"{i}.JPEG").write_bytes(_jpeg_bytes((40, 40), seed=i))
     report = check_data(tmp_path)
     assert (report.files, report.classes, report.ok, report.problems) == (5, 2, True, [])
+    # ImageNet as downloaded: val/ holds its images flat (labels in a separate file); they are checked too.
+    flat = tmp_path / "test"
+    flat.mkdir()
+    (flat / "ILSVRC2012_test_00000001.JPEG").write_bytes(_jpeg_bytes((40, 40), seed=9))
+    (flat / "ILSVRC2012_test_00000002.JPEG").write_bytes(b"not a jpeg")
+    report = check_data(tmp_path)
+    assert (report.files, report.classes) == (7, 2)
+    assert report.paths("unreadable") == [str(flat.resolve() / "ILSVRC2012_test_00000002.JPEG")]

@@ -32,6 +32,7 @@ def tree(tmp_path: Path) -> Path:
             _touch(root / name)
     (root / "n01" / "notes.txt").write_text("not an image")
     (root / "n01" / ".hidden.jpg").write_bytes(b"")
+    _touch(root / "n01" / ".ipynb_checkpoints" / "a-checkpoint.jpg")  # hidden folders inside a class too
     (root / ".cache").mkdir()
     (root / "README").write_text("top-level files are ignored")
     return root
@@ -121,6 +122,10 @@ def test_read_file_list_missing_images_and_file(tmp_path: Path) -> None:
     assert str(tmp_path / "gone0.jpg") in message and "gone7" not in message
     with pytest.raises(DataError, match="does not exist or is not a file"):
         read_file_list(tmp_path / "missing.txt")
+    beton = tmp_path / "train.beton"  # binary data passed where a folder or list was expected
+    beton.write_bytes(b"\x00\x01\xff\xfe" * 16)
+    with pytest.raises(DataError, match=r"train.beton is not a text list .*\(byte 2 .*--data-backend ffcv"):
+        load_images(beton)
 
 
 def test_image_list_rejects_mismatched_labels() -> None:
