@@ -327,13 +327,18 @@ def load_preset(name: str) -> dict[str, Any]:
     return read_toml(path)
 
 
+def _means_none(text: str) -> bool:
+    """How None is spelled on the command line and in TOML (which has no null) for optional fields."""
+    return text.strip().lower() in ("none", "null", "")
+
+
 def parse_value(key: str, text: str) -> Any:
     """Convert `text` to the type of field `key` ("none" -> None for optional fields)."""
     _check_keys({key: None}, "--set")
     annotation = field_types()[key]
     args = typing.get_args(annotation)
     optional = type(None) in args and isinstance(annotation, types.UnionType)
-    if optional and text.strip().lower() in ("none", "null", ""):
+    if optional and _means_none(text):
         return None
     base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
     if base is bool:
@@ -353,7 +358,9 @@ def _coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         allowed = typing.get_args(types_[key]) or (types_[key],)
-        if value is None or isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+        if type(None) in allowed and isinstance(value, str) and _means_none(value):
+            out[key] = None
+        elif value is None or isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
             out[key] = value
         elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
             out[key] = float(value)

@@ -157,10 +157,10 @@ def gather_objects(obj: object, info: DistInfo) -> list[object] | None:
     return gathered
 
 
-def scatter_object(objects: list[object] | None, info: DistInfo) -> object:
-    """Rank r receives objects[r] from rank 0 (one process: objects[0])."""
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank (one process: `obj`); for start-up decisions every rank must share."""
     if not info.distributed:
-        return objects[0] if objects else None
-    received: list[object] = [None]
-    dist.scatter_object_list(received, objects if info.is_main else None, src=0)
-    return received[0]
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

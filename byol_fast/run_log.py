@@ -1,7 +1,8 @@
 """What a run records: provenance, resolved config, metrics (JSONL + TensorBoard), progress, MFU.
 
-    run_dir/config.json        the resolved configuration
-    run_dir/provenance.json    git SHA, versions, devices, host, command line, start time
+    run_dir/config.json        the resolved configuration (of the latest attempt, when a run resumed)
+    run_dir/provenance.json    git SHA, versions, devices, host, command line, start time (the same)
+    run_dir/attempts.jsonl     {"config", "provenance"} of every attempt, oldest first
     run_dir/metrics.jsonl      one JSON object per logged step, flushed as written
     run_dir/tensorboard/       the same scalars, when the tensorboard package is installed
 
@@ -132,7 +133,7 @@ class RunLogger:
     """Rank 0's record of a run; a no-op on every other rank.
 
     Args:
-        run_dir: where config.json, provenance.json, metrics.jsonl and tensorboard/ go.
+        run_dir: where config.json, provenance.json, attempts.jsonl, metrics.jsonl and tensorboard/ go.
         config: the resolved configuration (JSON types, dataclasses, paths, enums).
         rank: the global rank; only 0 writes anything.
         total_steps: the step count of the whole run, for the progress bar and ETA.
@@ -159,9 +160,14 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Serialize before writing anything, so a bad config fails without leaving half a run directory.
-        config_text = json.dumps(config, indent=2, default=_json_default)
-        (self.run_dir / "config.json").write_text(config_text + "\n", encoding="utf-8")
-        (self.run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n", encoding="utf-8")
+        config = json.loads(json.dumps(config, default=_json_default))
+        origin = provenance()
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (self.run_dir / "provenance.json").write_text(json.dumps(origin, indent=2) + "\n", encoding="utf-8")
+        # The two files above describe the latest attempt; a resumed run may have changed settings that
+        # do not affect the checkpoint (backend, precision, ...), so every attempt's pair is kept here.
+        with open(self.run_dir / "attempts.jsonl", "a", encoding="utf-8") as attempts:
+            attempts.write(json.dumps({"config": config, "provenance": origin}) + "\n")
         # Appending keeps the lines of earlier attempts when a run resumes; line buffering
         # hands each line to the OS as it is written, so a killed run loses none.
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")

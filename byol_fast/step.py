@@ -156,12 +156,18 @@ class TrainStep:
             step_loss += loss.detach().float()
         step_loss /= self.accumulation_steps
         self._all_reduce_gradients()
+        stepped = True
         if self._scaler:
-            self._scaler.step(self.optimizer)  # syncs on the overflow flag: fp16 runs eagerly
+            scale = self._scaler.get_scale()  # sync: fp16 runs eagerly, its scaler reads flags on the host
+            self._scaler.step(self.optimizer)
             self._scaler.update()
+            # The scale drops exactly when inf/NaN gradients made the scaler skip the optimizer step; the
+            # target must not move toward weights that did not change.
+            stepped = self._scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.learner.update_target()
+        if stepped:
+            self.learner.update_target()
         self._accumulate_metrics(step_loss)
 
     def _all_reduce_gradients(self) -> None:
@@ -217,11 +223,17 @@ class TrainStep:
         return self._step_index
 
     def state_dict(self) -> dict:
-        return {"step": int(self._step_index.item()), "first_nonfinite_step": int(self._first_nonfinite.item())}
+        """Step counters, and the fp16 loss scale (a resume must not start over at 65536 and skip steps)."""
+        state = {"step": int(self._step_index.item()), "first_nonfinite_step": int(self._first_nonfinite.item())}
+        if self._scaler:
+            state["grad_scaler"] = self._scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._step_index.fill_(int(state["step"]))
         self._first_nonfinite.fill_(int(state.get("first_nonfinite_step", -1)))
+        if self._scaler and "grad_scaler" in state:
+            self._scaler.load_state_dict(state["grad_scaler"])
 
 
 def _validate(precision: str, device: torch.device, cuda_graph: bool, batch_size: int,

@@ -44,8 +44,8 @@ from byol_fast.checkpoint import (CheckpointError, CheckpointManager, capture_rn
                                   resolve_resume, restore_rng_state)
 from byol_fast.config import TrainConfig, available_presets, field_docs, field_types, parse_value, resolve_config
 from byol_fast.cross_rank_bn import convert_sync_batchnorm
-from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module, cleanup,
-                                   gather_objects, init_distributed, world_from_env)
+from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module,
+                                   broadcast_object, cleanup, gather_objects, init_distributed, world_from_env)
 from byol_fast.knn import KnnMonitor
 from byol_fast.lars import LARS
 from byol_fast.model import BYOL
@@ -210,6 +210,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, info: DistInfo, resume_path: Path | None) -> None:
         self.config, self.info = config, info
         device = info.device
+        # Every step has the same shapes, so cuDNN's autotuning runs once (in the step's warm-up, before
+        # capture) and its fastest algorithms are used from then on, as in the benchmarks.
+        torch.backends.cudnn.benchmark = device.type == "cuda"
         torch.manual_seed(config.seed)  # the same initial weights on every rank (and broadcast below)
         ensure_synthetic_data(config, info)
         self.knn = build_knn_monitor(config, info)
@@ -243,9 +246,12 @@ class Trainer:
         self.meta = {**{key: getattr(config, key) for key in RESUME_KEYS}, "steps_per_epoch": self.steps_per_epoch}
         self.manager = CheckpointManager(config.run_dir, keep_last=config.keep_checkpoints)
         self.completed = 0  # optimizer steps done, over the whole run (resumes included)
-        if resume_path is not None:
-            self._restore(resume_path)
         self.flags = HostFlagReducer(info)
+        # Rank 0 picks the checkpoint: ranks that each took "the newest" of a node-local or stale run_dir
+        # listing would resume from different steps, diverge and hang in a collective.
+        resume_path = broadcast_object(resume_path, info)
+        if resume_path is not None:
+            self._restore_on_every_rank(resume_path)
         self.flops_per_image = byol_step_flops_per_image(
             config.arch, config.image_size, projection_size=config.projection_size,
             projection_hidden_size=config.projection_hidden_size,
@@ -263,6 +269,17 @@ class Trainer:
                 "flops_per_image": self.flops_per_image, "peak_tflops": self.peak_flops and self.peak_flops / 1e12}
 
     # -- checkpoints --
+
+    def _restore_on_every_rank(self, path: Path) -> None:
+        """Restore `path` on all ranks, or raise on all of them if any rank cannot."""
+        failure = None
+        try:
+            self._restore(path)
+        except CheckpointError as error:
+            failure = error
+        if self.flags.any(failure is not None):
+            raise failure or CheckpointError(f"another rank could not restore {path}, the checkpoint rank 0 chose: "
+                                             f"run_dir must be on a filesystem every rank shares")
 
     def _restore(self, path: Path) -> None:
         state = self.manager.load(path)
@@ -308,7 +325,6 @@ class Trainer:
     def train(self, logger: RunLogger, stop: StopSignals) -> int:
         """Run from `self.completed` to `self.stop_step`; returns the exit code (raises TrainingError)."""
         window_start, data_wait = time.perf_counter(), 0.0
-        last_saved = self.completed
         lr_tensor = self.optimizer.param_groups[0]["lr"]
         if self.completed == 0:
             window_start += self._run_knn(logger, epoch=0)
@@ -333,11 +349,9 @@ class Trainer:
                     every = self.config.checkpoint_every
                     checkpoint_due = stopping or k == self.stop_step or (every > 0 and k % every == 0)
                     if checkpoint_due or k % self.config.log_every == 0:
-                        self._log(logger, k, time.perf_counter() - window_start, data_wait)
-                        window_start, data_wait = time.perf_counter(), 0.0
+                        window_start, data_wait = self._log(logger, k, window_start, data_wait), 0.0
                     if checkpoint_due:
                         path = self.save()
-                        last_saved = k
                         if self.info.is_main:
                             print(f"byol-fast train: saved {path}", file=sys.stderr)
                         window_start = time.perf_counter()  # checkpoint time is not training throughput
@@ -349,9 +363,7 @@ class Trainer:
                             print(f"byol-fast train: stopped by a signal at step {k}; run the same command "
                                   f"(--resume auto) to continue", file=sys.stderr)
                         return code
-        if last_saved != self.completed:  # e.g. a resumed run that was already complete saves nothing new
-            self.save()
-        return EXIT_OK
+        return EXIT_OK  # the last step's checkpoint was saved in the loop
 
     def _run_knn(self, logger: RunLogger, epoch: int) -> float:
         """kNN top-1 when the monitor is due after `epoch` epochs; returns its seconds, which the
@@ -365,9 +377,15 @@ class Trainer:
               f"({result['knn_seconds']:.1f} s, not counted in images/s)", file=sys.stderr)
         return result["knn_seconds"]
 
-    def _log(self, logger: RunLogger, k: int, seconds: float, data_wait: float) -> None:
-        """Read the device metrics (the loop's one host-device sync), agree across ranks, and log."""
+    def _log(self, logger: RunLogger, k: int, window_start: float, data_wait: float) -> float:
+        """Read the device metrics (the loop's one host-device sync), agree across ranks, and log.
+
+        The window ends when the queued steps are done, not when the host queued the last one (the host
+        runs ahead of a CUDA graph); returns that moment, the next window's start.
+        """
         metrics = self.step.read_metrics()  # SYNC: waits for the queued steps to finish
+        window_end = time.perf_counter()
+        seconds = window_end - window_start
         steps = metrics["steps"]
         bad = metrics["first_nonfinite_step"]
         loss_sum, = all_reduce_host([metrics["loss"] * steps], self.info, "sum")
@@ -376,7 +394,8 @@ class Trainer:
             raise TrainingError(
                 f"the loss became non-finite at step {int(first_bad) + 1} (counting from 1, as metrics.jsonl "
                 f"does); the last good checkpoint is {self.manager.latest() or 'none (none was saved yet)'}. "
-                f"Lower --base-lr, use --precision fp32, or check the data, then resume from that checkpoint")
+                f"Resume from it with --precision fp32, check the data (`byol-fast check-data`), or start a "
+                f"new --run-dir with a lower --base-lr (a resume keeps the checkpoint's schedule)")
         images_per_s = steps * self.global_batch / seconds if seconds > 0 and steps else 0.0
         record = {"loss": loss_sum / max(steps, 1) / self.info.world_size, "lr": self.lr_at(k - 1),
                   "tau": self.tau_at(k - 1), "epoch": k / self.steps_per_epoch, "images_per_s": images_per_s,
@@ -385,14 +404,25 @@ class Trainer:
         if self.peak_flops and self.flops_per_image and images_per_s:
             record["mfu"] = mfu(images_per_s, self.flops_per_image, self.peak_flops * self.info.world_size)
         logger.log(k, record)
+        return window_end
 
 
 def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
     """Initialize the process group, build the Trainer, run it, and always clean up; returns the exit code."""
-    info = init_distributed(device_kind)
+    try:
+        info = init_distributed(device_kind)
+    except ValueError as error:  # no such GPU, LOCAL_RANK beyond the GPUs, ...
+        print(f"byol-fast train: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     trainer = logger = stop = None
     try:
         trainer = Trainer(config, info, resume_path)
+        if trainer.completed >= trainer.stop_step:  # leave the finished run's record as it is
+            if info.is_main:
+                print(f"byol-fast train: {config.run_dir} holds a finished run (step {trainer.completed} of "
+                      f"{trainer.stop_step}): nothing to do; pass a new --run-dir to train again, or a larger "
+                      f"--max-steps to go on", file=sys.stderr)
+            return EXIT_OK
         logger = RunLogger(config.run_dir, {**config.to_dict(), "resolved": trainer.describe()}, info.rank,
                            trainer.stop_step, tensorboard=config.tensorboard, images_per_step=config.global_batch)
         if info.is_main:

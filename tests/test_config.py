@@ -56,7 +56,8 @@ def test_demo_and_throughput_presets_validate_without_data(tmp_path: Path):
 
 def test_resolution_order_preset_file_set_flags(tmp_path: Path, data_dir: Path):
     config_file = tmp_path / "mine.toml"
-    config_file.write_text("base_lr = 0.5\nepochs = 20\nwarmup_epochs = 2\nweight_decay = 0\n")
+    # TOML has no null: "none" spells None for optional fields, as on the command line.
+    config_file.write_text('base_lr = 0.5\nepochs = 20\nwarmup_epochs = 2\nweight_decay = 0\nresume = "none"\n')
     args = train.build_parser().parse_args([
         "--preset", "imagenet-300ep", "--config", str(config_file), "--set", "epochs=30", "--set", "seed=7",
         "--seed", "9", "--no-cuda-graph", "--max-steps", "none", "--data", str(data_dir)])
@@ -67,6 +68,7 @@ def test_resolution_order_preset_file_set_flags(tmp_path: Path, data_dir: Path):
     assert config.epochs == 30  # --set over file
     assert config.seed == 9  # a flag over --set
     assert config.cuda_graph is False and config.max_steps is None and config.data == str(data_dir)
+    assert config.resume is None  # from the file
 
 
 def test_parse_value_types():
@@ -230,6 +232,12 @@ def test_cli_rejects_bad_configs_before_any_heavy_work(tmp_path: Path, monkeypat
     assert "--no-cuda-graph" in capsys.readouterr().err
     assert train.main(["--data", str(tmp_path), "--device", "cpu", "--resume", str(tmp_path / "x.pt")]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+    from byol_fast.distributed import init_distributed  # the real one: it picks (and checks) the device
+
+    monkeypatch.setattr(train, "init_distributed", init_distributed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.main(["--data", str(tmp_path), "--device", "cuda", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "device='cuda' but CUDA is not available: pass --device cpu" in capsys.readouterr().err
     assert time.perf_counter() - start < 5
     assert not (tmp_path / "run").exists()
 

@@ -53,6 +53,25 @@ def _bn_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _resume_choice_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from byol_fast.distributed import DistInfo, broadcast_object
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        info = DistInfo(rank=rank, world_size=WORLD, local_rank=rank, device=torch.device("cpu"))
+        # What each rank's own listing of a node-local run_dir would say: rank 1 sees no checkpoint.
+        own_view = Path("/runs/x/checkpoints/step_00000040.pt") if rank == 0 else None
+        torch.save(broadcast_object(own_view, info), os.path.join(out_dir, f"choice{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path: Path):
+    mp.spawn(_resume_choice_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    choices = [torch.load(tmp_path / f"choice{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    assert choices == [Path("/runs/x/checkpoints/step_00000040.pt")] * WORLD
+
+
 def test_cross_rank_batchnorm_equals_batchnorm_over_the_union(tmp_path: Path):
     mp.spawn(_bn_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
     x, probe = _batchnorm_case()

@@ -82,10 +82,15 @@ def test_files_written_and_flushed_per_line(tmp_path):
     assert lines[0]["time"] <= lines[1]["time"] and 0 <= lines[0]["elapsed_s"] <= lines[1]["elapsed_s"]
     logger.close()
     logger.close()
-    # A resumed run appends to the same file.
-    with RunLogger(tmp_path / "run", _config(tmp_path), 0, 100, tensorboard=False, progress=False) as resumed:
+    # A resumed run appends to the same file, and keeps the earlier attempt's config beside its own.
+    changed = {**_config(tmp_path), "lr": 0.5}
+    with RunLogger(tmp_path / "run", changed, 0, 100, tensorboard=False, progress=False) as resumed:
         resumed.log(30, {"loss": 1.0})
     assert [line["step"] for line in _read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [10, 20, 30]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.5
+    attempts = _read_jsonl(tmp_path / "run" / "attempts.jsonl")
+    assert [attempt["config"]["lr"] for attempt in attempts] == [0.3, 0.5]
+    assert attempts[0]["config"] == config and "git" in attempts[1]["provenance"]
 
 
 def test_tensorboard_scalars(tmp_path):

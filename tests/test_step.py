@@ -133,3 +133,32 @@ class sync_debug_error:
 
     def __exit__(self, *exc):
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fp16_overflow_skips_the_optimizer_and_the_ema_and_the_loss_scale_is_checkpointed():
+    learner, optimizer = make_pair()
+    step = TrainStep(learner, optimizer, batch_size=BATCH, image_size=SIZE, device="cpu", precision="fp16",
+                     channels_last=False)
+    good, bad = batches(2)
+    for _ in range(20):  # the first steps may overflow at the initial scale (65536) and be skipped
+        step(*good)
+        if "momentum_buffer" in optimizer.state[learner.trainable_parameters()[0]]:
+            break
+    weights = {name: p.detach().clone() for name, p in learner.named_parameters()}  # online and target
+    assert any(name.startswith("target") for name in weights)
+    momenta = [optimizer.state[p]["momentum_buffer"].clone() for p in learner.trainable_parameters()]
+    state = step.state_dict()
+    scale = state["grad_scaler"]["scale"] = 2.0 ** 40  # scaled fp16 gradients overflow to inf
+    step.load_state_dict(state)
+    step(*bad)  # the scaler finds inf gradients and skips the optimizer step
+    for name, tensor in learner.named_parameters():
+        assert torch.equal(tensor, weights[name]), name  # the target did not move either
+    for p, momentum in zip(learner.trainable_parameters(), momenta):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum)
+    state = step.state_dict()
+    assert state["grad_scaler"]["scale"] == scale / 2
+    fresh_learner, fresh_optimizer = make_pair()
+    resumed = TrainStep(fresh_learner, fresh_optimizer, batch_size=BATCH, image_size=SIZE, device="cpu",
+                        precision="fp16", channels_last=False)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # a resume goes on at the reduced scale, not at 65536 again

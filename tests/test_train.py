@@ -1,6 +1,7 @@
 """The run loop on CPU: kill/SIGTERM and resume end where an uninterrupted run ends, a non-finite loss stops
 the run naming the step and keeps the last good checkpoint, bad checkpoints are refused and never overwritten."""
 
+import json
 import os
 import signal
 import subprocess
@@ -126,8 +127,10 @@ def test_sigterm_saves_exits_zero_and_resume_continues(data, reference, tmp_path
 def test_finished_run_is_not_restarted_or_mixed(data, reference, capsys):
     run_dir, _ = reference
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
-    assert "steps 9 -> 9 of 9" in capsys.readouterr().err
+    record = {name: (run_dir / name).read_bytes() for name in ("config.json", "metrics.jsonl", "attempts.jsonl")}
+    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir), "--data-backend", "torch"]) == 0
+    assert f"{run_dir} holds a finished run (step 9 of 9): nothing to do" in capsys.readouterr().err
+    assert {name: (run_dir / name).read_bytes() for name in record} == record  # its record still tells the truth
     assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir), "--resume", "none"]) == 2
     error = capsys.readouterr().err
     assert "already holds checkpoints" in error and "pass --resume auto to continue that run" in error
@@ -178,3 +181,25 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [2]
     state = torch.load(good)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_throughput_windows_end_when_the_queued_steps_are_done(data, tmp_path, monkeypatch):
+    # On a GPU the host queues steps ahead; read_metrics waits for them. Model that wait as a sleep: it
+    # is training time, so it must fall inside the logged window (measured before it, images/s read ~4x high).
+    from byol_fast.step import TrainStep
+
+    drain_s = 1.0  # over twice a step here (~0.45 s on one thread)
+    read_metrics = TrainStep.read_metrics
+
+    def draining(self):
+        time.sleep(drain_s)
+        return read_metrics(self)
+
+    monkeypatch.setattr(TrainStep, "read_metrics", draining)
+    run_dir = tmp_path / "run"
+    args = COMMON + ["--epochs", "1", "--data-backend", "torchvision", "--log-every", "1", "--checkpoint-every", "0"]
+    assert train.main(args + ["--data", str(data), "--run-dir", str(run_dir), "--knn-every-epochs", "0"]) == 0
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert line["step_ms"] >= 1e3 * drain_s and line["images_per_s"] <= 8 / drain_s
