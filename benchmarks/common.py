@@ -31,6 +31,8 @@ PEAK_CACHE_ENV = "BYOL_BENCH_PEAK_CACHE"
 """Path of a JSON file holding the measured peak, so the processes of one sweep measure it once."""
 GIT_SHA_ENV = "BYOL_FAST_GIT_SHA"
 """Commit to record when the code runs from a copy without .git (the device machine gets a bare tree)."""
+GIT_DIRTY_ENV = "BYOL_FAST_GIT_DIRTY"
+"""With GIT_SHA_ENV: "0" when the copied tree was that commit exactly, "1" when it held uncommitted changes."""
 _KNOWN_GPUS = ("gh200", "h200", "h100", "a100", "a10g", "l40s", "l4", "v100", "t4", "b200", "b100", "rtx")
 
 
@@ -81,10 +83,12 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 def run_provenance() -> dict[str, Any]:
-    """run_log.provenance(), with the commit taken from $BYOL_FAST_GIT_SHA where the tree has no .git."""
+    """run_log.provenance(), with the commit (and whether the tree differed from it) taken from
+    $BYOL_FAST_GIT_SHA and $BYOL_FAST_GIT_DIRTY where the tree has no .git."""
     record = provenance()
     if record["git"]["sha"] is None and os.environ.get(GIT_SHA_ENV):
-        record["git"] = {"sha": os.environ[GIT_SHA_ENV], "dirty": None, "source": GIT_SHA_ENV}
+        dirty = {"0": False, "1": True}.get(os.environ.get(GIT_DIRTY_ENV, ""))
+        record["git"] = {"sha": os.environ[GIT_SHA_ENV], "dirty": dirty, "source": GIT_SHA_ENV}
     return record
 
 
@@ -132,10 +136,13 @@ def warm_and_time(fn: Callable[[], Any], device: torch.device, warmup: int, targ
                   max_calls: int) -> tuple[int, float]:
     """`warmup` untimed calls, one probe call to size the run, then a timed region of about `target_s`.
 
+    The GPU's peak-memory window restarts after the warm-up, so peak_memory_gib() afterwards is the
+    steady state's (cuDNN's autotuning workspaces and capture scratch are not in it).
     Returns (timed calls, seconds per call).
     """
     for _ in range(warmup):
         fn()
+    reset_peak_memory(device)
     probe = time_calls(fn, 1, device)
     timing = time_calls(fn, calibrated_calls(probe.wall_s, target_s, min_calls, max_calls), device)
     return timing.calls, timing.wall_s / timing.calls

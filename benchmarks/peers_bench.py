@@ -10,6 +10,8 @@ Rows (each on synthetic views already on the device, warm-up excluded):
                              augmentation replaced by identity so it does the model work we do;
                              simplicial embeddings off (its 0.9 default adds a layer the paper has not)
     byol-pytorch aug-on      the same with its default GPU augmentation (one random draw per batch)
+    byol-pytorch bf16        aug-off under bf16 autocast with a channels_last model and input: what a
+                             user would add to it, so the speedup is not merely one of precision
     lightly blocks           lightly's BYOL example: BYOLProjectionHead/PredictionHead,
                              NegativeCosineSimilarity, update_momentum, SGD lr 0.06, fp32 eager
 
@@ -41,18 +43,22 @@ EMBEDDING = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 20
 
 
 def lucidrains_step(arch: str, batch: int, image_size: int, device: torch.device,
-                    augment: bool) -> Callable[[], None]:
-    """One training step of byol-pytorch as its README writes it (fp32, Adam 3e-4)."""
+                    augment: bool, bf16: bool = False) -> Callable[[], None]:
+    """One training step of byol-pytorch as its README writes it (fp32, Adam 3e-4); with `bf16`, under
+    bf16 autocast with channels_last model and input."""
     from byol_pytorch import BYOL
 
-    images = torch.randn(batch, 3, image_size, image_size, device=device)
-    net = getattr(torchvision.models, arch)().to(device)
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
+    net = getattr(torchvision.models, arch)().to(device, memory_format=layout)
     extra = {} if augment else {"augment_fn": nn.Identity()}
     learner = BYOL(net, image_size=image_size, hidden_layer="avgpool", use_simplicial_embeddings=False, **extra)
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step() -> None:
-        loss = learner(images)
+        with precision:
+            loss = learner(images)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -103,22 +109,25 @@ def lightly_step(arch: str, batch: int, image_size: int, device: torch.device) -
 
 
 PEERS = {
-    "byol-pytorch aug-off": ("byol-pytorch", lambda a, b, s, d: lucidrains_step(a, b, s, d, augment=False)),
-    "byol-pytorch aug-on": ("byol-pytorch", lambda a, b, s, d: lucidrains_step(a, b, s, d, augment=True)),
-    "lightly blocks": ("lightly", lightly_step),
+    "byol-pytorch aug-off": ("byol-pytorch", "fp32", lambda a, b, s, d: lucidrains_step(a, b, s, d, augment=False)),
+    "byol-pytorch aug-on": ("byol-pytorch", "fp32", lambda a, b, s, d: lucidrains_step(a, b, s, d, augment=True)),
+    "byol-pytorch bf16": ("byol-pytorch", "bf16",
+                          lambda a, b, s, d: lucidrains_step(a, b, s, d, augment=False, bf16=True)),
+    "lightly blocks": ("lightly", "fp32", lightly_step),
 }
+"""Row name -> (distribution, precision, step factory)."""
 
 
 def measure_peer(name: str, arch: str, batch: int, image_size: int, device: torch.device, peak: float,
                  target_s: float, min_calls: int, max_calls: int) -> dict:
     """One row for a peer library, or a status naming what is missing."""
-    distribution, make = PEERS[name]
+    distribution, precision, make = PEERS[name]
     try:
         version = importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         version = None
     row = {"code": name, "version": version, "arch": arch, "batch": batch, "image_size": image_size,
-           "precision": "fp32", "status": "ok", "images_per_s": None, "step_ms": None, "mfu": None,
+           "precision": precision, "status": "ok", "images_per_s": None, "step_ms": None, "mfu": None,
            "peak_mem_gib": None}
     if version is None:
         return {**row, "status": f"skipped: {distribution} is not installed (pip install {distribution}; "
@@ -144,8 +153,9 @@ def measure_peer(name: str, arch: str, batch: int, image_size: int, device: torc
 NOTES = [
     "byol-pytorch runs as its README shows: fp32 eager, Adam lr 3e-4, learner(images), update_moving_average(); "
     "aug-off replaces its built-in augmentation with identity so it does only the model work byol_fast's step does; "
-    "aug-on keeps its default GPU augmentation (one random draw per batch). Simplicial embeddings are off (its 0.9 "
-    "default adds a layer the BYOL paper has not).",
+    "aug-on keeps its default GPU augmentation (one random draw per batch); bf16 is aug-off under bf16 autocast "
+    "with a channels_last model and input. Simplicial embeddings are off (its 0.9 default adds a layer the BYOL "
+    "paper has not).",
     "lightly runs as its BYOL example: BYOLProjectionHead/PredictionHead, NegativeCosineSimilarity, update_momentum, "
     "SGD lr 0.06, fp32 eager.",
     "byol-pytorch concatenates the two views into one batch (BatchNorm statistics over both views); byol_fast and "
@@ -209,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.rows:
         if fastest and row["images_per_s"]:
             row["speedup"] = round(fastest / row["images_per_s"], 2)
-    lucidrains = next(r for r in result.rows if r["code"] == "byol-pytorch aug-off")
-    result.extra["speedup_vs_byol_pytorch"] = lucidrains.get("speedup")
     for path in result.finish():
         print(f"wrote {path}")
     return 0

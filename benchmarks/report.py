@@ -87,14 +87,7 @@ def gpu_rows(documents: list[dict]) -> list[list[str]]:
     else:
         rows += [[e2e_name, f">= {E2E_TARGET:,.0f} (~24% MFU)", NOT_MEASURED, "—", "—"],
                  [wait_name, f"< {DATA_WAIT_TARGET:.0f}%", NOT_MEASURED, "—", "—"]]
-    peer_name = "Speedup over lucidrains' byol-pytorch (same GPU, encoder, batch)"
-    speedup = peers.get("speedup_vs_byol_pytorch") if peers else None
-    if speedup:
-        rows.append([peer_name, f">= {PEER_TARGET:.0f}x",
-                     f"{speedup:.2f}x ({peers['settings']['arch']}, batch {peers['settings']['batch']})",
-                     verdict(speedup, PEER_TARGET), source(peers)])
-    else:
-        rows.append([peer_name, f">= {PEER_TARGET:.0f}x", NOT_MEASURED, "—", "—"])
+    rows += peer_rows(peers)
     pipe_name = "Data pipeline speed over the step's (best backend / bf16+graph step)"
     fastest_pipe = max(ok_rows(pipeline, image_size=224), key=lambda r: r["images_per_s"], default=None)
     step_row = None
@@ -112,6 +105,30 @@ def gpu_rows(documents: list[dict]) -> list[list[str]]:
     for graph in ok_rows(step, arch="resnet50", image_size=224, variant="bf16+graph"):
         rows.append([f"Step alone, ResNet-50 at 224, batch {graph['batch']} (bf16+graph)", "—",
                      f"{graph['images_per_s']:,.0f} ({graph['mfu']:.1%} MFU)", "—", source(step)])
+    return rows
+
+
+PEER_BASELINES = {"byol-pytorch aug-off": "as its README runs it (fp32 eager)",
+                  "byol-pytorch bf16": "given bf16 autocast + channels_last"}
+"""The byol-pytorch rows of the peers benchmark the speedup target is judged against, and how each ran."""
+
+
+def peer_rows(peers: dict | None) -> list[list[str]]:
+    """Speedup of byol_fast's GPU step over byol-pytorch, from the rows themselves (a run cut short after
+    the rows it needs still counts), once per byol-pytorch precision: the target must not be met by
+    bf16 alone."""
+    ours = next(iter(ok_rows(peers, code="byol_fast bf16+graph")), None)
+    rows = []
+    for code, how in PEER_BASELINES.items():
+        name = f"Speedup over lucidrains' byol-pytorch {how} (same GPU, encoder, batch)"
+        theirs = next(iter(ok_rows(peers, code=code)), None)
+        if ours and theirs:
+            speedup = ours["images_per_s"] / theirs["images_per_s"]
+            rows.append([name, f">= {PEER_TARGET:.0f}x",
+                         f"{speedup:.2f}x ({ours['images_per_s']:,.0f} vs {theirs['images_per_s']:,.0f} images/s; "
+                         f"{ours['arch']}, batch {ours['batch']})", verdict(speedup, PEER_TARGET), source(peers)])
+        else:
+            rows.append([name, f">= {PEER_TARGET:.0f}x", NOT_MEASURED, "—", "—"])
     return rows
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark sweep in one device call (< 10 minutes), run from the repository root:
 #
-#   BYOL_FAST_GIT_SHA=<commit> bash benchmarks/run_gpu_sweep.sh
+#   BYOL_FAST_GIT_SHA=<commit> BYOL_FAST_GIT_DIRTY=<0|1> bash benchmarks/run_gpu_sweep.sh
 #
 # Installs the peer wheels carried in .whl/ (byol-pytorch, lightly, beartype), makes the
 # synthetic JPEGs, then runs, each under its own time cap inside one overall budget
@@ -14,7 +14,9 @@
 # target table and every result page), sweep.log (everything printed).
 # DALI and FFCV are used when importable (install them before, in the same command);
 # otherwise their rows say "skipped". The device copy has no .git: pass the commit in
-# BYOL_FAST_GIT_SHA so the results name it. SWEEP_DEVICE=cpu runs the same plumbing with the
+# BYOL_FAST_GIT_SHA (and 1 in BYOL_FAST_GIT_DIRTY if the tree had uncommitted changes) so the
+# results name it. results.tar.gz is rewritten after every section, so a command stopped early
+# still brings back what was measured. SWEEP_DEVICE=cpu runs the same plumbing with the
 # benchmarks' --small sizes (a dry run of this script on a machine without a GPU).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -61,6 +63,12 @@ run() {
   if ((rc == 124 || rc == 137)) && [[ -n $prefix ]]; then
     python3 -m benchmarks.report --results "$RESULTS" --mark-cut "$prefix:$cap" --no-readme --no-pages
   fi
+  pack
+}
+
+# pack: what is measured so far into $OUT (cheap; done after every section).
+pack() {
+  tar -czf "$OUT/results.tar.gz.partial" -C "$STAGE" benchmarks/results && mv "$OUT/results.tar.gz.partial" "$OUT/results.tar.gz"
 }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -69,6 +77,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || echo "wheel install failed: peers will be skipped"
 fi
 nvidia-smi -L || echo "no nvidia-smi"
+df -h /dev/shm  # the torchvision backend's DataLoader workers hand batches over through it
 python3 - <<'EOF'
 import importlib, torch, torchvision
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda,
@@ -104,7 +113,7 @@ timeout 20 python3 -m benchmarks.report --results "$RESULTS" --no-readme --print
     cat "$page"
   done
 } >"$OUT/summary.md"
-tar -czf "$OUT/results.tar.gz" -C "$STAGE" benchmarks/results
+pack
 echo "=== done in $((SECONDS - START))s; results.tar.gz holds:"
 tar -tzf "$OUT/results.tar.gz"
 echo

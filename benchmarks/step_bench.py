@@ -225,6 +225,8 @@ def profile_step(arch: str, batch: int, image_size: int, name: str, device: torc
                     "calls_per_step": event.count / steps, "category": category})
     del step
     release(device)
+    if not totals:  # e.g. CUPTI unavailable: "100% idle" would be a made-up finding
+        raise RuntimeError(f"the profiler recorded no {'kernels' if device.type == 'cuda' else 'ops'}")
     busy = sum(totals.values())
     wall_ms = timing.wall_s / steps * 1e3
     return {"arch": arch, "batch": batch, "variant": name, "step_ms": round(wall_ms, 2),

@@ -133,11 +133,18 @@ def _write_samples(folder: Path) -> None:
     folder.mkdir()
     e2e_row = {"status": "ok", "arch": "resnet50", "image_size": 224, "batch": 256, "backend": "dali",
                "images_per_s": 2750.0, "mfu": 0.224, "data_wait_pct": 7.0}
+    peer_row = {"status": "ok", "arch": "resnet50", "image_size": 224, "batch": 256}
     samples = {
         "e2e-h100-2026-01-01.json": _document("e2e", [{**e2e_row, "images_per_s": 1000.0}], "2026-01-01T00:00:00"),
         "e2e-h100-2026-01-02.json": _document("e2e", [e2e_row, {**e2e_row, "backend": "torch", "status": "oom"}],
                                               "2026-01-02T00:00:00"),
-        "peers-h100-2026-01-02.json": _document("peers", [], "2026-01-02T00:00:00", speedup_vs_byol_pytorch=3.5),
+        "peers-h100-2026-01-02.json": _document("peers", [
+            {**peer_row, "code": "byol_fast bf16+graph", "images_per_s": 3500.0},
+            {**peer_row, "code": "byol_fast fp32-eager", "images_per_s": 800.0},
+            {**peer_row, "code": "byol-pytorch aug-off", "images_per_s": 1000.0},
+            {**peer_row, "code": "byol-pytorch bf16", "images_per_s": 1750.0},
+            {**peer_row, "code": "lightly blocks", "status": "error: cut by the sweep's time limit"}],
+            "2026-01-02T00:00:00"),
         "pipeline-h100-2026-01-02.json": _document("pipeline", [
             {"status": "ok", "backend": "dali", "image_size": 224, "batch": 256, "images_per_s": 4000.0},
             {"status": "ok", "backend": "torch", "image_size": 224, "batch": 256, "images_per_s": 3000.0}],
@@ -161,8 +168,10 @@ def test_report_table_is_deterministic_and_says_how_far_targets_are(tmp_path):
     assert "e2e-h100-2026-01-02.json" in e2e
     wait = next(line for line in lines if line.startswith("| Data wait"))
     assert "7.0% (dali)" in wait and "missed by 2.0 points" in wait
-    peers = next(line for line in lines if line.startswith("| Speedup"))
-    assert "3.50x" in peers and "| met |" in peers
+    as_shipped, given_bf16 = (line for line in lines if line.startswith("| Speedup"))
+    assert "as its README runs it (fp32 eager)" in as_shipped and "given bf16 autocast" in given_bf16
+    assert "3.50x (3,500 vs 1,000 images/s; resnet50, batch 256)" in as_shipped and "| met |" in as_shipped
+    assert "2.00x (3,500 vs 1,750" in given_bf16 and "missed by 33%" in given_bf16
     pipe = next(line for line in lines if line.startswith("| Data pipeline"))
     assert "1.21x (dali 4,000/s vs step 3,300/s, batch 256)" in pipe and "missed by 19%" in pipe
     assert any("3,300 (27.0% MFU)" in line for line in lines)
