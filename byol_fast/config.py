@@ -180,16 +180,17 @@ class TrainConfig:
         from pipelines.synthetic import DEFAULT_CLASSES
 
         path = Path(self.data).expanduser()
-        if self.writes_synthetic() and path.name != "train":
+        writes_synthetic = self.writes_synthetic()
+        if writes_synthetic and path.name != "train":
             raise ValueError(f"synthetic_images={self.synthetic_images} writes <root>/train and <root>/val, "
                              f"so data must end in /train (got {self.data!r}): e.g. --data data/synthetic/train")
         too_few = self.synthetic_images < DEFAULT_CLASSES or 0 < self.synthetic_val_images < DEFAULT_CLASSES
-        if self.writes_synthetic() and too_few:
+        if writes_synthetic and too_few:
             raise ValueError(f"synthetic_images={self.synthetic_images} and synthetic_val_images="
                              f"{self.synthetic_val_images}: the built-in data has {DEFAULT_CLASSES} classes and every "
                              f"class needs an image in each split written, so use at least {DEFAULT_CLASSES} "
                              f"(or 0 val images)")
-        if not path.exists() and not self.writes_synthetic():
+        if not path.exists() and not writes_synthetic:
             root = path.parent if path.name == "train" else path
             raise ValueError(f"training data {path} does not exist: pass --data DIR (an ImageNet-style folder "
                              f"<DIR>/<class>/<image>), or create the built-in data with `byol-fast make-synthetic "
@@ -199,10 +200,10 @@ class TrainConfig:
                              f"`byol-fast convert-ffcv {path} OUT.beton` and pass --data OUT.beton")
         val = self.resolved_val_data()
         if val is not None and self.knn_every_epochs:
-            if not (self.writes_synthetic() or path.is_dir()):
+            if not (writes_synthetic or path.is_dir()):
                 raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
                                  f"image folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
-            if not (self.writes_synthetic() or val.is_dir()):
+            if not (writes_synthetic or val.is_dir()):
                 raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> "
                                  f"tree with --val-data, or --knn-every-epochs 0")
         if self.data_backend == "views" and path.suffix != ".pt":

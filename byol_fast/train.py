@@ -150,8 +150,8 @@ def ensure_synthetic_data(config: TrainConfig, info: DistInfo) -> None:
     root = Path(config.data).expanduser().parent
     total = config.synthetic_images + config.synthetic_val_images
     val_fraction = config.synthetic_val_images / total
-    reason = stale_reason(root, total, val_fraction=val_fraction)
-    if info.is_main and reason is not None:
+    reason = stale_reason(root, total, val_fraction=val_fraction) if info.is_main else None
+    if reason is not None:
         print(f"byol-fast train: writing {total} synthetic images to {root} ({reason})", file=sys.stderr)
         make_synthetic(root, images=total, val_fraction=val_fraction, workers=max(1, min(config.workers, 8)),
                        overwrite=True)
@@ -409,13 +409,9 @@ class Trainer:
 
 def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
     """Initialize the process group, build the Trainer, run it, and always clean up; returns the exit code."""
-    try:
-        info = init_distributed(device_kind)
-    except ValueError as error:  # no such GPU, LOCAL_RANK beyond the GPUs, ...
-        print(f"byol-fast train: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     trainer = logger = stop = None
     try:
+        info = init_distributed(device_kind)
         trainer = Trainer(config, info, resume_path)
         if trainer.completed >= trainer.stop_step:  # leave the finished run's record as it is
             if info.is_main:
@@ -432,7 +428,7 @@ def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
                   f"{trainer.stop_step} of {trainer.total_steps}", file=sys.stderr)
         stop = StopSignals()
         return trainer.train(logger, stop)
-    except (ValueError, CheckpointError) as error:  # DataError, bad checkpoints, problems found while building
+    except (ValueError, CheckpointError) as error:  # no such GPU, DataError, bad checkpoints, problems building
         print(f"byol-fast train: error: {error}", file=sys.stderr)
         return EXIT_USAGE if logger is None else EXIT_FAILED
     except TrainingError as error:

@@ -19,7 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from pipelines.decode import ImageInfo, extension_format, load_rgb, probe_image
-from pipelines.sources import DataError, ImageList, images_under, load_images
+from pipelines.sources import DataError, ImageList, images_under, load_images, visible_subfolders
 
 UNREADABLE = "unreadable"
 """The one fatal kind: the file cannot be decoded (truncated, corrupt, not an image)."""
@@ -117,7 +117,7 @@ def _split_folders(root: Path) -> list[Path]:
     """
     if not root.is_dir():
         return []
-    children = {entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
+    children = set(visible_subfolders(root))
     splits = [name for name in _SPLITS if name in children]
     return [root / name for name in splits] if splits and children <= set(_SPLITS) else []
 
@@ -125,9 +125,8 @@ def _split_folders(root: Path) -> list[Path]:
 def _index_split(split: Path) -> ImageList:
     """The images of one split folder: a class tree, or a flat folder of images as ImageNet's raw val/ and
     test/ are (labels live elsewhere; here they are all 0 under one class, "unlabelled")."""
-    with os.scandir(split) as entries:
-        if any(entry.is_dir() and not entry.name.startswith(".") for entry in entries):
-            return load_images(split)
+    if visible_subfolders(split):
+        return load_images(split)
     files = images_under(split.resolve())
     if not files:
         raise DataError(f"split folder {split} holds neither class folders nor images: remove it or fill it")

@@ -64,6 +64,12 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def visible_subfolders(folder: str | Path) -> list[str]:
+    """Names of the sub-folders of `folder` that are not hidden, sorted (a class tree's classes)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
 def images_under(folder: str | Path) -> list[str]:
     """The image files in `folder` and its sub-folders, sorted; hidden files and folders are skipped.
 
@@ -93,8 +99,7 @@ def scan_image_folder(root: str | Path) -> ImageList:
         raise DataError(f"{root_path} is a file, not a folder: pass the folder holding one sub-folder per class "
                         f"(a list of 'path label' lines goes to read_file_list instead)")
     root_path = root_path.resolve()
-    with os.scandir(root_path) as entries:
-        class_dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    class_dirs = visible_subfolders(root_path)
     if not class_dirs:
         raise DataError(f"{root_path} has no class sub-folders: images must sit in {root_path}/<class>/<image>.JPEG "
                         f"(if you pointed at a class folder, pass its parent)")
