@@ -203,7 +203,9 @@ class TrainConfig:
             if not (writes_synthetic or path.is_dir()):
                 raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
                                  f"image folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
-            if not (writes_synthetic or val.is_dir()):
+            # The synthetic val split does not exist yet when it is about to be written; any other val folder must.
+            written_val = writes_synthetic and self.synthetic_val_images > 0 and val.resolve() == (path.parent / "val").resolve()
+            if not (val.is_dir() or written_val):
                 raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> "
                                  f"tree with --val-data, or --knn-every-epochs 0")
         if self.data_backend == "views" and path.suffix != ".pt":

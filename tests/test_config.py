@@ -157,6 +157,11 @@ def test_synthetic_data_is_written_when_missing_or_stale_and_a_users_folder_is_r
     config = resolve_config("demo", overrides={"data": str(tmp_path / "syn" / "train"), **small})
     config.validate(device="cpu")  # nothing there yet: it is written, and its val split feeds the kNN monitor
     assert config.resolved_val_data() == tmp_path / "syn" / "val"
+    with pytest.raises(ValueError, match=r"val_data .*typo/val is not a folder"):  # caught before writing anything
+        resolve_config("demo", overrides={"data": str(tmp_path / "syn" / "train"),
+                                          "val_data": str(tmp_path / "typo" / "val"), **small}).validate(device="cpu")
+    resolve_config("demo", overrides={"data": str(tmp_path / "syn" / "train"),  # the split about to be written
+                                      "val_data": str(tmp_path / "syn" / "val"), **small}).validate(device="cpu")
     train.ensure_synthetic_data(config, one_process)
     assert "writing 20 synthetic images" in capsys.readouterr().err
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "syn").rglob("*.JPEG")}
