@@ -204,7 +204,8 @@ class TrainConfig:
                 raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
                                  f"image folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
             # The synthetic val split does not exist yet when it is about to be written; any other val folder must.
-            written_val = writes_synthetic and self.synthetic_val_images > 0 and val.resolve() == (path.parent / "val").resolve()
+            synthetic_val = (path.parent / "val").resolve()
+            written_val = writes_synthetic and self.synthetic_val_images > 0 and val.resolve() == synthetic_val
             if not (val.is_dir() or written_val):
                 raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> "
                                  f"tree with --val-data, or --knn-every-epochs 0")
