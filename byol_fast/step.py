@@ -218,6 +218,12 @@ class TrainStep:
         }
 
     @property
+    def warm(self) -> bool:
+        """Whether the one-off work is done (cuDNN autotuning and compilation in the first call, the graph's
+        capture after `warmup_steps` calls), so later calls run at steady speed."""
+        return self._graph is not None if self.cuda_graph else self._calls > 0
+
+    @property
     def step_index(self) -> Tensor:
         """The global step counter (device tensor; aliases graph memory)."""
         return self._step_index

@@ -324,7 +324,7 @@ class Trainer:
 
     def train(self, logger: RunLogger, stop: StopSignals) -> int:
         """Run from `self.completed` to `self.stop_step`; returns the exit code (raises TrainingError)."""
-        window_start, data_wait = time.perf_counter(), 0.0
+        window_start, data_wait, timed_steps = time.perf_counter(), 0.0, 0
         lr_tensor = self.optimizer.param_groups[0]["lr"]
         if self.completed == 0:
             window_start += self._run_knn(logger, epoch=0)
@@ -342,14 +342,22 @@ class Trainer:
                     # Schedules: host floats written into the device tensors the (captured) step reads.
                     lr_tensor.fill_(self.lr_at(self.completed))
                     self.learner.tau.fill_(self.tau_at(self.completed))
+                    was_warm = self.step.warm
                     self.step(*views)
                     self.completed += 1
+                    if was_warm:
+                        timed_steps += 1
+                    elif self.step.warm:  # warm-up, autotuning and capture just ended: not training throughput
+                        if self.info.device.type == "cuda":
+                            torch.cuda.synchronize(self.info.device)  # SYNC: once per attempt
+                        window_start, data_wait = time.perf_counter(), 0.0
                     k = self.completed
                     stopping = self.flags.any(stop.received is not None)  # host collective, no device sync
                     every = self.config.checkpoint_every
                     checkpoint_due = stopping or k == self.stop_step or (every > 0 and k % every == 0)
                     if checkpoint_due or k % self.config.log_every == 0:
-                        window_start, data_wait = self._log(logger, k, window_start, data_wait), 0.0
+                        window_start = self._log(logger, k, window_start, data_wait, timed_steps)
+                        data_wait, timed_steps = 0.0, 0
                     if checkpoint_due:
                         path = self.save()
                         if self.info.is_main:
@@ -377,11 +385,12 @@ class Trainer:
               f"({result['knn_seconds']:.1f} s, not counted in images/s)", file=sys.stderr)
         return result["knn_seconds"]
 
-    def _log(self, logger: RunLogger, k: int, window_start: float, data_wait: float) -> float:
+    def _log(self, logger: RunLogger, k: int, window_start: float, data_wait: float, timed_steps: int) -> float:
         """Read the device metrics (the loop's one host-device sync), agree across ranks, and log.
 
-        The window ends when the queued steps are done, not when the host queued the last one (the host
-        runs ahead of a CUDA graph); returns that moment, the next window's start.
+        The window holds `timed_steps` steps (the attempt's warm-up steps are left out of it) and ends when
+        the queued steps are done, not when the host queued the last one (the host runs ahead of a CUDA
+        graph); returns that moment, the next window's start. A window of warm-up steps only logs no rates.
         """
         metrics = self.step.read_metrics()  # SYNC: waits for the queued steps to finish
         window_end = time.perf_counter()
@@ -396,13 +405,15 @@ class Trainer:
                 f"does); the last good checkpoint is {self.manager.latest() or 'none (none was saved yet)'}. "
                 f"Resume from it with --precision fp32, check the data (`byol-fast check-data`), or start a "
                 f"new --run-dir with a lower --base-lr (a resume keeps the checkpoint's schedule)")
-        images_per_s = steps * self.global_batch / seconds if seconds > 0 and steps else 0.0
         record = {"loss": loss_sum / max(steps, 1) / self.info.world_size, "lr": self.lr_at(k - 1),
-                  "tau": self.tau_at(k - 1), "epoch": k / self.steps_per_epoch, "images_per_s": images_per_s,
-                  "step_ms": 1e3 * seconds / max(steps, 1), "data_wait_pct": 100.0 * data_wait / max(seconds, 1e-9),
+                  "tau": self.tau_at(k - 1), "epoch": k / self.steps_per_epoch,
                   "memory_gib": memory_gib(self.info.device)}
-        if self.peak_flops and self.flops_per_image and images_per_s:
-            record["mfu"] = mfu(images_per_s, self.flops_per_image, self.peak_flops * self.info.world_size)
+        if timed_steps and seconds > 0:
+            images_per_s = timed_steps * self.global_batch / seconds
+            record.update(images_per_s=images_per_s, step_ms=1e3 * seconds / timed_steps,
+                          data_wait_pct=100.0 * data_wait / seconds)
+            if self.peak_flops and self.flops_per_image:
+                record["mfu"] = mfu(images_per_s, self.flops_per_image, self.peak_flops * self.info.world_size)
         logger.log(k, record)
         return window_end
 

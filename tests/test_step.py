@@ -74,7 +74,9 @@ def test_eager_step_makes_no_host_sync(forbid_host_sync):
     learner, optimizer = make_pair()
     step = TrainStep(learner, optimizer, batch_size=BATCH, image_size=SIZE, device="cpu", precision="fp32")
     view1, view2 = batches(1)[0]
+    assert not step.warm
     step(view1, view2)  # first step allocates optimizer state
+    assert step.warm  # eager: the one-off work is the first call's
     with forbid_host_sync():
         step(view1, view2)
 
@@ -114,6 +116,7 @@ def test_captured_step_equals_eager_step_over_ten_steps():
                     step(view1, view2)
             else:
                 step(view1, view2)
+            assert step.warm == (k >= 3 if cuda_graph else True)  # warm once captured (the 4th call)
         torch.cuda.synchronize()
         results.append((step.read_metrics(), [p.detach().float().clone() for p in learner.parameters()]))
         if cuda_graph:
