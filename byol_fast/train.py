@@ -20,7 +20,7 @@ checkpoint and exit; all ranks agree on the step through a small gloo
 collective each step. SIGTERM exits 0, so a preempted job counts as a clean
 stop and its resubmission (same command) resumes; SIGINT exits 130. torchrun
 forwards signals to its workers and waits 30 s before killing them, ample for
-a checkpoint. Exit codes: 0 done or stopped by SIGTERM, 1 training failed
+a checkpoint (a kNN due at that step is left to the resumed run). Exit codes: 0 done or stopped by SIGTERM, 1 training failed
 (e.g. a non-finite loss: the message names the step and the last good
 checkpoint, and no checkpoint of the bad state is written), 2 bad
 configuration, 130 stopped by SIGINT.
@@ -246,6 +246,7 @@ class Trainer:
         self.meta = {**{key: getattr(config, key) for key in RESUME_KEYS}, "steps_per_epoch": self.steps_per_epoch}
         self.manager = CheckpointManager(config.run_dir, keep_last=config.keep_checkpoints)
         self.completed = 0  # optimizer steps done, over the whole run (resumes included)
+        self.knn_pending = False  # a stop at an epoch's end left that epoch's kNN to the resumed run
         self.flags = HostFlagReducer(info)
         # Rank 0 picks the checkpoint: ranks that each took "the newest" of a node-local or stale run_dir
         # listing would resume from different steps, diverge and hang in a collective.
@@ -292,6 +293,7 @@ class Trainer:
                                   f"the settings that wrote it, or start a new --run-dir") from error
         self.step.load_state_dict(state["train_step"])
         self.completed = int(state["step"])
+        self.knn_pending = bool(state["position"].get("knn_pending", False))
         rng = state.get("rng", [])
         if len(rng) == self.info.world_size:
             restore_rng_state(rng[self.info.rank])
@@ -299,8 +301,9 @@ class Trainer:
             print(f"byol-fast train: {path} was written by {len(rng)} ranks, this run has {self.info.world_size}: "
                   f"RNG states start fresh (data order and weights are unaffected)", file=sys.stderr)
 
-    def save(self) -> Path | None:
-        """Checkpoint the current (finite, just-checked) state; collective: every rank calls it."""
+    def save(self, knn_pending: bool = False) -> Path | None:
+        """Checkpoint the current (finite, just-checked) state; collective: every rank calls it.
+        `knn_pending`: the epoch that just ended still needs its kNN (run first when resumed)."""
         rng = gather_objects(capture_rng_state(), self.info)
         failure = None
         path = None
@@ -308,7 +311,8 @@ class Trainer:
             epoch, batch = divmod(self.completed, self.steps_per_epoch)
             state = {"model": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "train_step": self.step.state_dict(), "rng": rng, "meta": self.meta,
-                     "position": {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch},
+                     "position": {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
+                                  "knn_pending": knn_pending},
                      "schedules": {"peak_lr": self.lr_at.peak_lr, "warmup_steps": self.lr_at.warmup_steps,
                                    "total_steps": self.total_steps, "tau_base": self.tau_at.tau_base},
                      "world_size": self.info.world_size, "config": self.config.to_dict()}
@@ -326,8 +330,8 @@ class Trainer:
         """Run from `self.completed` to `self.stop_step`; returns the exit code (raises TrainingError)."""
         window_start, data_wait, timed_steps = time.perf_counter(), 0.0, 0
         lr_tensor = self.optimizer.param_groups[0]["lr"]
-        if self.completed == 0:
-            window_start += self._run_knn(logger, epoch=0)
+        if self.completed == 0 or self.knn_pending:
+            window_start += self._run_knn(logger, epoch=self.completed // self.steps_per_epoch)
         while self.completed < self.stop_step:
             epoch, start = divmod(self.completed, self.steps_per_epoch)
             end = min(self.steps_per_epoch, start + self.stop_step - self.completed)
@@ -355,15 +359,18 @@ class Trainer:
                     stopping = self.flags.any(stop.received is not None)  # host collective, no device sync
                     every = self.config.checkpoint_every
                     checkpoint_due = stopping or k == self.stop_step or (every > 0 and k % every == 0)
+                    epoch_done = k % self.steps_per_epoch == 0
                     if checkpoint_due or k % self.config.log_every == 0:
                         window_start = self._log(logger, k, window_start, data_wait, timed_steps)
                         data_wait, timed_steps = 0.0, 0
                     if checkpoint_due:
-                        path = self.save()
+                        path = self.save(knn_pending=epoch_done and stopping)
                         if self.info.is_main:
                             print(f"byol-fast train: saved {path}", file=sys.stderr)
                         window_start = time.perf_counter()  # checkpoint time is not training throughput
-                    if k % self.steps_per_epoch == 0:
+                    # A stopping run exits at once (torchrun kills it 30 s after the signal): the epoch's kNN
+                    # then runs first thing on resume.
+                    if epoch_done and not stopping:
                         window_start += self._run_knn(logger, epoch=k // self.steps_per_epoch)
                     if stopping:
                         code = EXIT_INTERRUPTED if stop.received == signal.SIGINT else EXIT_OK

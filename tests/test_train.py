@@ -82,7 +82,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 180.0) -> N
 
 def test_reference_run_records_everything(reference):
     run_dir, final = reference
-    assert final["position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 3}
+    assert final["position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 3, "knn_pending": False}
     assert final["train_step"]["step"] == 9 and len(final["rng"]) == 1
     assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [6, 8, 9]  # keep_checkpoints=3
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -122,6 +122,33 @@ def test_sigterm_saves_exits_zero_and_resume_continues(data, reference, tmp_path
     assert train.main(args) == 0
     assert f"steps {saved[0][0]} -> 9 of 9" in capsys.readouterr().err
     _assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
+
+
+def test_a_stop_at_an_epochs_end_exits_at_once_and_the_resumed_run_runs_that_epochs_knn(data, tmp_path, monkeypatch):
+    from byol_fast.step import TrainStep
+
+    call, calls = TrainStep.__call__, []
+
+    def signalled_after_epoch_one(self, *views):
+        call(self, *views)
+        calls.append(1)
+        if len(calls) == 3:  # 3 steps an epoch: a scheduler's SIGTERM during the epoch's last step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TrainStep, "__call__", signalled_after_epoch_one)
+    run_dir = tmp_path / "run"
+    args = COMMON + ["--epochs", "2", "--data-backend", "torchvision", "--log-every", "3", "--checkpoint-every", "0",
+                     "--data", str(data), "--val-data", str(data), "--run-dir", str(run_dir)]
+
+    def knn_records() -> list[tuple[int, int]]:
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(line["step"], line["epoch"]) for line in lines if "knn_top1" in line]
+
+    assert train.main(args) == 0
+    assert knn_records() == [(0, 0)]  # no kNN between the signal and the exit
+    assert torch.load(run_dir / "checkpoints" / "step_00000003.pt")["position"]["knn_pending"] is True
+    assert train.main(args) == 0
+    assert knn_records() == [(0, 0), (3, 1), (6, 2)]  # epoch 1's kNN, first thing on resume
 
 
 def test_finished_run_is_not_restarted_or_mixed(data, reference, capsys):
