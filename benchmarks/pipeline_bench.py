@@ -201,8 +201,8 @@ def build_parser():
     parser.add_argument("--image-size", type=int, default=None, help="view side (default 224; --small 64)")
     parser.add_argument("--workers", type=int, default=None, help="processes/threads per backend (default: cores)")
     parser.add_argument("--seconds", type=float, default=None, help="timed seconds per backend (default 5; --small 0)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed batches of the timed epoch after its first (epoch 0 is always warm-up; default 2; "
-                        "--small 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed batches of the timed epoch after its "
+                        "first (epoch 0 is always warm-up; default 2; --small 1)")
     parser.add_argument("--min-batches", type=int, default=None, help="fewest timed batches (default 8; --small 3)")
     parser.add_argument("--max-batches", type=int, default=200, help="most timed batches (and at most the rest "
                         "of epoch 1)")
