@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from byol_fast.run_log import byol_step_flops_per_image, measure_matmul_flops, provenance
+from pipelines.device import concrete_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA_VERSION = 1
@@ -37,13 +38,13 @@ _KNOWN_GPUS = ("gh200", "h200", "h100", "a100", "a10g", "l40s", "l4", "v100", "t
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch.device parses it."""
+    """"auto" -> cuda when available, else cpu; anything else as torch.device parses it; with its index."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu (with --small)")
-    return device
+    return concrete_device(device)
 
 
 def device_name(device: torch.device) -> str:

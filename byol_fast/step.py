@@ -30,6 +30,7 @@ from torch import Tensor
 
 from byol_fast.lars import LARS
 from byol_fast.model import BYOL
+from pipelines.device import concrete_device
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -85,7 +86,7 @@ class TrainStep:
         warmup_steps: int = 3,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        device = torch.device(device)
+        device = concrete_device(device)
         _validate(precision, device, cuda_graph, batch_size, accumulation_steps, warmup_steps)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if any(p.device != device for p in params) or any(g["lr"].device != device for g in optimizer.param_groups):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipelines.device import concrete_device
 from pipelines.sources import load_images
 from pipelines.spec import AugmentationSpec
 
@@ -104,7 +105,7 @@ def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, p
     views .pt file (views). `out`: the step's static input buffers, written in place each batch.
     Structural data problems raise DataError (a ValueError) naming the path and the fix.
     """
-    device = torch.device(device)
+    device = concrete_device(device)
     name = resolve_backend(backend, device)
     if out is not None and name in ("dali", "ffcv") and not all(
             buffer.is_contiguous(memory_format=torch.channels_last) for buffer in out):

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from pipelines.decode import load_rgb
+from pipelines.device import concrete_device
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec, ViewSpec
 
@@ -165,7 +166,7 @@ class TorchvisionTwoViewLoader:
         workers = default_workers() if workers is None else workers
         if workers < 0:
             raise ValueError(f"workers={workers} must be >= 0 (0 loads in the main process)")
-        self.device = torch.device(device)
+        self.device = concrete_device(device)
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype={self.dtype} must be a floating type (the views are normalized)")

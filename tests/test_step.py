@@ -101,6 +101,13 @@ def test_optimizer_on_another_device_is_refused():
         TrainStep(learner, optimizer, batch_size=BATCH, image_size=SIZE, device="meta")
 
 
+def test_another_spelling_of_the_learners_device_is_accepted():
+    # Parameters report "cpu" / "cuda:0"; "cpu:0" / "cuda" name the same devices (cuda: tested below).
+    learner, optimizer = make_pair()
+    step = TrainStep(learner, optimizer, batch_size=BATCH, image_size=SIZE, device="cpu:0", precision="fp32")
+    assert step.device == torch.device("cpu") and step.inputs[0].device == step.device
+
+
 @pytest.mark.cuda
 def test_captured_step_equals_eager_step_over_ten_steps():
     data = batches(10, "cuda", torch.bfloat16)
