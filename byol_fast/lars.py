@@ -137,10 +137,15 @@ class LARS(torch.optim.Optimizer):
         for group, live_lr in zip(self.param_groups, live_lrs):
             live_lr.copy_(torch.as_tensor(group["lr"], dtype=live_lr.dtype))
             group["lr"] = live_lr
-        for param, state in self.state.items():
-            for name, live in live_state.get(param, {}).items():
+        # A captured graph reads the live buffers: keep every one, also when the loaded state lacks it (a
+        # checkpoint written before the first step has no momentum, which then starts from zero).
+        for param, live_entries in live_state.items():
+            state = self.state[param]
+            for name, live in live_entries.items():
                 if name in state:
                     live.copy_(state[name])
+                elif name == "momentum_buffer":
+                    live.zero_()
                 state[name] = live
 
 

@@ -125,6 +125,21 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(p, q)
 
 
+def test_loading_a_state_from_before_the_first_step_keeps_and_zeroes_the_live_buffers():
+    # A graph captured before the load reads these buffers: they must stay, with the loaded (empty) momentum.
+    params = [torch.ones(4, 4, requires_grad=True), torch.ones(4, requires_grad=True)]
+    optimizer = LARS(params, lr=0.1)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    optimizer.step()
+    live = {i: (optimizer.state[p]["momentum_buffer"], optimizer.state[p]["update"]) for i, p in enumerate(params)}
+    assert all(momentum.abs().sum() > 0 for momentum, _ in live.values())
+    optimizer.load_state_dict(LARS(params, lr=0.1).state_dict())  # no steps: no state at all
+    for i, p in enumerate(params):
+        assert optimizer.state[p]["momentum_buffer"] is live[i][0] and optimizer.state[p]["update"] is live[i][1]
+        assert torch.equal(live[i][0], torch.zeros_like(p))
+
+
 def test_step_makes_no_host_sync(forbid_host_sync):
     params = resnet18_parameters()
     optimizer = LARS(params, lr=0.1, weight_decay=WEIGHT_DECAY)
