@@ -87,7 +87,7 @@ def provenance() -> dict[str, Any]:
     return {
         "git": git_state(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion: plain str, so checkpoints carrying it load safely
         **{key: _version(names) for key, names in _OPTIONAL_DISTRIBUTIONS.items()},
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -142,10 +142,12 @@ class RunLogger:
         progress: show progress (a tqdm bar on a terminal, one plain line per log call otherwise).
         images_per_step: global images per optimizer step; gives images/s from wall time
             when a logged step carries no "images_per_s" metric.
+        origin: this attempt's `provenance()`, when the caller already took it (default: taken here).
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: dict, rank: int, total_steps: int,
-                 tensorboard: bool = True, progress: bool = True, images_per_step: int | None = None) -> None:
+                 tensorboard: bool = True, progress: bool = True, images_per_step: int | None = None,
+                 origin: dict | None = None) -> None:
         self.enabled = rank == 0
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
@@ -161,7 +163,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Serialize before writing anything, so a bad config fails without leaving half a run directory.
         config = json.loads(json.dumps(config, default=_json_default))
-        origin = provenance()
+        origin = origin or provenance()
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (self.run_dir / "provenance.json").write_text(json.dumps(origin, indent=2) + "\n", encoding="utf-8")
         # The two files above describe the latest attempt; a resumed run may have changed settings that

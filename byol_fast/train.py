@@ -49,7 +49,7 @@ from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, b
 from byol_fast.knn import KnnMonitor
 from byol_fast.lars import LARS
 from byol_fast.model import BYOL
-from byol_fast.run_log import RunLogger, byol_step_flops_per_image, measure_matmul_flops, mfu
+from byol_fast.run_log import RunLogger, byol_step_flops_per_image, measure_matmul_flops, mfu, provenance
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
 from pipelines.factory import build_train_loader, resolve_backend
@@ -248,6 +248,8 @@ class Trainer:
         self.completed = 0  # optimizer steps done, over the whole run (resumes included)
         self.knn_pending = False  # a stop at an epoch's end left that epoch's kNN to the resumed run
         self.flags = HostFlagReducer(info)
+        # What produced this attempt (code, versions, device, command); every checkpoint it writes carries it.
+        self.provenance = provenance() if info.is_main else {}
         # Rank 0 picks the checkpoint: ranks that each took "the newest" of a node-local or stale run_dir
         # listing would resume from different steps, diverge and hang in a collective.
         resume_path = broadcast_object(resume_path, info)
@@ -315,7 +317,8 @@ class Trainer:
                                   "knn_pending": knn_pending},
                      "schedules": {"peak_lr": self.lr_at.peak_lr, "warmup_steps": self.lr_at.warmup_steps,
                                    "total_steps": self.total_steps, "tau_base": self.tau_at.tau_base},
-                     "world_size": self.info.world_size, "config": self.config.to_dict()}
+                     "world_size": self.info.world_size, "config": self.config.to_dict(),
+                     "provenance": self.provenance}
             try:
                 path = self.manager.save(self.completed, state)
             except ValueError as error:  # NaN/inf in the weights: nothing was written
@@ -438,7 +441,8 @@ def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
                       f"--max-steps to go on", file=sys.stderr)
             return EXIT_OK
         logger = RunLogger(config.run_dir, {**config.to_dict(), "resolved": trainer.describe()}, info.rank,
-                           trainer.stop_step, tensorboard=config.tensorboard, images_per_step=config.global_batch)
+                           trainer.stop_step, tensorboard=config.tensorboard, images_per_step=config.global_batch,
+                           origin=trainer.provenance)
         if info.is_main:
             print(f"byol-fast train: {config.arch} at {config.image_size}px, global batch {config.global_batch} "
                   f"({info.world_size} rank(s)), {trainer.loader.backend} data on {info.device}, {trainer.precision}"

@@ -89,6 +89,9 @@ def test_reference_run_records_everything(reference):
     assert len(lines) == 9
     for key in ("config.json", "provenance.json"):
         assert (run_dir / key).is_file()
+    # Each checkpoint names the attempt that wrote it (export reads it there): here the only one.
+    assert final["provenance"] == json.loads((run_dir / "provenance.json").read_text())
+    assert final["provenance"]["torch"] == torch.__version__ and set(final["provenance"]["git"]) == {"sha", "dirty"}
 
 
 @pytest.mark.slow
