@@ -3,7 +3,10 @@
     run_dir/config.json        the resolved configuration (of the latest attempt, when a run resumed)
     run_dir/provenance.json    git SHA, versions, devices, host, command line, start time (the same)
     run_dir/attempts.jsonl     {"config", "provenance"} of every attempt, oldest first
-    run_dir/metrics.jsonl      one JSON object per logged step, flushed as written
+    run_dir/metrics.jsonl      one JSON object per logged step, flushed as written; "attempt" is its
+                               line number in attempts.jsonl (from 1): a run resumed from a checkpoint
+                               logs the steps after it again, and the later attempt's line is the one
+                               that led to the final weights
     run_dir/tensorboard/       the same scalars, when the tensorboard package is installed
 
 Only rank 0 writes; on other ranks every RunLogger method does nothing.
@@ -129,6 +132,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _open_lines(path: Path):
+    """A line-buffered append handle on a JSONL file. A write cut short (a kill mid-line, a full disk) leaves
+    a partial last line: it is ended first, so the next record does not run into it and become unreadable."""
+    partial = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            partial = existing.read(1) != b"\n"
+    handle = open(path, "a", buffering=1, encoding="utf-8")
+    if partial:
+        handle.write("\n")
+    return handle
+
+
 class RunLogger:
     """Rank 0's record of a run; a no-op on every other rank.
 
@@ -156,6 +173,7 @@ class RunLogger:
         self._bar = None
         self._progress = progress
         self._metrics_file = None
+        self.attempt = 0  # this attempt's line in attempts.jsonl (from 1); set below on rank 0
         self._last: tuple[int, float] | None = None  # (step, monotonic time) of the previous log call
         self._start = time.monotonic()
         if not self.enabled:
@@ -168,11 +186,13 @@ class RunLogger:
         (self.run_dir / "provenance.json").write_text(json.dumps(origin, indent=2) + "\n", encoding="utf-8")
         # The two files above describe the latest attempt; a resumed run may have changed settings that
         # do not affect the checkpoint (backend, precision, ...), so every attempt's pair is kept here.
-        with open(self.run_dir / "attempts.jsonl", "a", encoding="utf-8") as attempts:
+        with _open_lines(self.run_dir / "attempts.jsonl") as attempts:
             attempts.write(json.dumps({"config": config, "provenance": origin}) + "\n")
+        with open(self.run_dir / "attempts.jsonl", "rb") as attempts:
+            self.attempt = sum(1 for _ in attempts)
         # Appending keeps the lines of earlier attempts when a run resumes; line buffering
         # hands each line to the OS as it is written, so a killed run loses none.
-        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+        self._metrics_file = _open_lines(self.run_dir / "metrics.jsonl")
         if tensorboard:
             self._writer = self._open_tensorboard()
 
@@ -195,7 +215,8 @@ class RunLogger:
         if not self.enabled:
             return
         now = time.monotonic()
-        record = {"step": step, "time": time.time(), "elapsed_s": round(now - self._start, 3),
+        record = {"step": step, "attempt": self.attempt, "time": time.time(),
+                  "elapsed_s": round(now - self._start, 3),
                   **{key: _finite_or_none(value) for key, value in metrics.items()}}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()

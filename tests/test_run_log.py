@@ -85,12 +85,30 @@ def test_files_written_and_flushed_per_line(tmp_path):
     # A resumed run appends to the same file, and keeps the earlier attempt's config beside its own.
     changed = {**_config(tmp_path), "lr": 0.5}
     with RunLogger(tmp_path / "run", changed, 0, 100, tensorboard=False, progress=False) as resumed:
+        resumed.log(20, {"loss": 1.5})  # resumed from a step-10 checkpoint: step 20 again, in attempt 2
         resumed.log(30, {"loss": 1.0})
-    assert [line["step"] for line in _read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [10, 20, 30]
+    lines = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(line["step"], line["attempt"]) for line in lines] == [(10, 1), (20, 1), (20, 2), (30, 2)]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.5
     attempts = _read_jsonl(tmp_path / "run" / "attempts.jsonl")
     assert [attempt["config"]["lr"] for attempt in attempts] == [0.3, 0.5]
     assert attempts[0]["config"] == config and "git" in attempts[1]["provenance"]
+
+
+def test_a_line_cut_short_by_a_kill_does_not_swallow_the_next_attempts_first_line(tmp_path):
+    run = tmp_path / "run"
+    with RunLogger(run, _config(tmp_path), 0, 100, tensorboard=False, progress=False) as first:
+        first.log(7, {"loss": 3.0})
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 8, "loss": 2.9')  # the kill landed mid-write
+    with open(run / "attempts.jsonl", "a") as attempts:
+        attempts.write('{"config": {"lr"')
+    with RunLogger(run, _config(tmp_path), 0, 100, tensorboard=False, progress=False) as resumed:
+        resumed.log(8, {"loss": 2.8})
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 8, "loss": 2.9' and json.loads(lines[2])["step"] == 8
+    assert resumed.attempt == 3 and json.loads(lines[2])["attempt"] == 3  # the partial attempt line counts
+    assert json.loads((run / "attempts.jsonl").read_text().splitlines()[2])["config"]["lr"] == 0.3
 
 
 def test_tensorboard_scalars(tmp_path):
