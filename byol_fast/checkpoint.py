@@ -11,7 +11,10 @@ Guarantees:
 - a model or optimizer holding NaN/inf is never written, so the last good checkpoint
   stays the newest one;
 - an existing file is never overwritten: a same-step file is renamed aside, and
-  only checkpoints beyond the newest `keep_last` (by step number) are deleted.
+  only checkpoints beyond the newest `keep_last` (by step number) are deleted;
+- checkpoints ahead of the step being saved belong to a history the run left (it
+  resumed from an earlier checkpoint): they are renamed aside, so `--resume auto`
+  and pruning follow the current history and never delete its checkpoints for them.
 
 Loads use `torch.load(weights_only=True)`, so a state must hold only tensors and
 plain Python values (dicts, lists, tuples, numbers, strings, None).
@@ -160,20 +163,24 @@ class CheckpointManager:
                 handle.flush()
                 os.fsync(handle.fileno())
             if final.exists():
-                self._set_aside(final)
+                self._set_aside(final, "replaced", "it was kept as {aside} and a new checkpoint written in its place")
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        for later_step, later in self.checkpoints():
+            if later_step > step:
+                self._set_aside(later, "abandoned", f"this run resumed from before it and has now saved step {step}; "
+                                "it was kept as {aside}, out of --resume auto's and pruning's way")
         _fsync_directory(self.directory)
         self._prune(keep=final)
         return final
 
-    def _set_aside(self, path: Path) -> None:
-        """Renames an existing same-step checkpoint (maybe corrupt, maybe another history) instead of overwriting it."""
-        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    def _set_aside(self, path: Path, why: str, what_happened: str) -> None:
+        """Renames a checkpoint out of the name pattern (`<name>.<why>-<time>-<pid>`) instead of deleting it."""
+        aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
-        warnings.warn(f"{path} already existed; it was kept as {aside} and a new checkpoint written in its place")
+        warnings.warn(f"{path} already existed; {what_happened.format(aside=aside)}")
 
     def _prune(self, keep: Path) -> None:
         """Deletes checkpoints beyond the newest `keep_last` by step number, never `keep`."""

@@ -88,7 +88,7 @@ def test_keep_last_pruning_ignores_foreign_files(tmp_path):
     foreign = ["notes.txt", "step_00000001.pt.bak", "other_00000001.pt", "step_abc.pt"]
     for name in foreign:
         (manager.directory / name).write_text("keep me")
-    for step in (5, 1, 3, 2, 4):  # out of order: pruning goes by step number, not by time
+    for step in (1, 2, 3, 4, 5):
         manager.save(step, _state(step))
     assert _names(manager) == sorted(foreign + ["step_00000004.pt", "step_00000005.pt"])
     # Beyond 8 digits the name grows and still sorts by number.
@@ -139,6 +139,21 @@ def test_corrupt_newest_is_named_and_never_overwritten(tmp_path, damage):
     aside = [p for p in manager.directory.iterdir() if p.name.startswith("step_00000003.pt.replaced-")]
     assert len(aside) == 1 and aside[0].read_bytes() == corrupt
     assert manager.load(newest)["step"] == 3
+    assert [step for step, _ in manager.checkpoints()] == [2, 3]  # step 4 is another history now
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_path):
+    # 10, 20, 30 saved; 30 unusable, so the run resumes from 20 (as the error says) and saves 24, 28.
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        manager.save(step, _state(step))
+    with pytest.warns(UserWarning, match="step_00000030.pt already existed; this run resumed from before it"):
+        manager.save(24, _state(24))
+    assert [step for step, _ in manager.checkpoints()] == [20, 24]  # 20 is not pruned for the abandoned 30
+    manager.save(28, _state(28))
+    assert resolve_resume("auto", tmp_path) == manager.path_for(28)  # not back to the abandoned 30
+    aside = [p for p in manager.directory.iterdir() if p.name.startswith("step_00000030.pt.abandoned-")]
+    assert len(aside) == 1 and torch.load(aside[0])["step"] == 30
 
 
 def test_nonfinite_state_is_refused_and_nothing_written(tmp_path):
