@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipelines.decode import CorruptImageError, load_rgb
 from pipelines.sources import DataError, ImageList, load_images
@@ -66,6 +67,22 @@ def require_ffcv() -> None:
                           "OpenCV system libraries), or use another data backend") from err
 
 
+def _stored_image(path: str, max_resolution: int) -> np.ndarray:
+    """The HWC uint8 pixels stored for `path`: decoded, downscaled so its longer side is <= max_resolution.
+
+    We downscale here rather than let ffcv's RGBImageField do it: ffcv truncates
+    each side to int(ratio * side), which is 0 for a valid but very thin image
+    (1x700 at 512), and cv2.resize then raises in a writer process (a hang, see
+    _SourceImages). Every side here stays >= 1, and since the result already
+    fits, ffcv's own resize never runs. BOX is area averaging, as ffcv's INTER_AREA.
+    """
+    image = load_rgb(path)
+    ratio = max_resolution / max(image.size)
+    if ratio < 1:
+        image = image.resize(tuple(max(1, round(side * ratio)) for side in image.size), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.uint8)
+
+
 class _SourceImages:
     """The indexable dataset ffcv's DatasetWriter reads in its worker processes: (HWC uint8, label).
 
@@ -74,9 +91,10 @@ class _SourceImages:
     replaced by a tombstone; the parent re-reads flagged files for the reason.
     """
 
-    def __init__(self, images: ImageList, failed) -> None:
+    def __init__(self, images: ImageList, max_resolution: int, failed) -> None:
         self.files = images.files
         self.labels = images.labels
+        self.max_resolution = max_resolution
         self.failed = failed
 
     def __len__(self) -> int:
@@ -84,16 +102,16 @@ class _SourceImages:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         try:
-            return np.asarray(load_rgb(self.files[index]), dtype=np.uint8), self.labels[index]
+            return _stored_image(self.files[index], self.max_resolution), self.labels[index]
         except Exception:  # noqa: BLE001 - any escape would hang DatasetWriter (see class docstring)
             self.failed[index] = 1
             return _TOMBSTONE, TOMBSTONE_LABEL
 
 
-def _failure_reason(path: str) -> str:
-    """Why `path` could not be converted, found by reading it again in this process."""
+def _failure_reason(path: str, max_resolution: int) -> str:
+    """Why `path` could not be converted, found by preparing it again in this process."""
     try:
-        load_rgb(path)
+        _stored_image(path, max_resolution)
     except Exception as err:  # noqa: BLE001 - we report whatever went wrong, by path
         return f"{type(err).__name__}: {err}"
     return "failed while converting but reads now (changed during conversion, or a transient I/O error)"
@@ -157,9 +175,9 @@ def convert_to_beton(images: ImageList, out_path: str | Path, max_resolution: in
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         writer = DatasetWriter(str(partial), fields, page_size=_page_size(max_resolution), num_workers=workers)
-        writer.from_indexed_dataset(_SourceImages(images, failed), chunksize=chunk_size)
+        writer.from_indexed_dataset(_SourceImages(images, max_resolution, failed), chunksize=chunk_size)
         bad = [images.files[i] for i in np.flatnonzero(np.frombuffer(failed, dtype=np.uint8))]
-        skipped = [(path, _failure_reason(path)) for path in bad]
+        skipped = [(path, _failure_reason(path, max_resolution)) for path in bad]
         if skipped and not skip_corrupt:
             named = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:_MAX_NAMED])
             more = f"\n  (and {len(skipped) - _MAX_NAMED} more)" if len(skipped) > _MAX_NAMED else ""

@@ -7,6 +7,8 @@ numba compile of its decode loop (about 1-4 s on a busy 2-core machine).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +286,37 @@ def test_corrupt_image_fails_naming_it_and_writes_nothing(tmp_path: Path) -> Non
         convert_to_beton(images, target, max_resolution=64, num_workers=1)
     assert "--skip-corrupt" in str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no output, no leftover partial file
+
+
+def test_thin_images_are_downscaled_with_every_side_kept(tmp_path: Path) -> None:
+    """A valid 1-px-wide image whose short side would scale to 0 px converts (ffcv's resizer hung on it).
+
+    The conversion runs in a subprocess with a timeout: the failure this guards against is a writer worker
+    dying in cv2.resize while DatasetWriter waits for it forever.
+    """
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    column = np.random.default_rng(9).integers(0, 256, (128, 1, 3), dtype=np.uint8)
+    Image.fromarray(column).save(tmp_path / "src" / "a" / "tall.png")  # 1 x 128 -> 0.5 x 64 at 64
+    Image.fromarray(np.full((3, 128, 3), 77, np.uint8)).save(tmp_path / "src" / "a" / "wide.png")
+    target = tmp_path / "thin.beton"
+    command = [sys.executable, "-c", "import sys; from pipelines.ffcv_convert import main; sys.exit(main(sys.argv[1:]))",
+               str(tmp_path / "src"), str(target), "--max-resolution", "64", "--write-mode", "raw", "--workers", "1"]
+    try:
+        done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("convert-ffcv hung on a thin image (a writer worker died and DatasetWriter waited for it)")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src", "thin.beton"]  # no partial file left behind
+    from ffcv.reader import Reader
+
+    stored = Reader(str(target)).metadata["f0"]
+    assert [(int(e["height"]), int(e["width"])) for e in stored] == [(64, 1), (2, 64)]  # files sort tall, wide
+    pixels = np.fromfile(target, np.uint8, count=64 * 3, offset=int(stored[0]["data_ptr"])).reshape(64, 1, 3)
+    area_mean = column.reshape(64, 2, 1, 3).mean(axis=1)  # halving is the mean of each pair of rows
+    assert np.abs(pixels - area_mean).max() <= 0.5 + 1e-9
+    wide = np.fromfile(target, np.uint8, count=2 * 64 * 3, offset=int(stored[1]["data_ptr"]))
+    assert (wide == 77).all()
 
 
 def test_existing_output_is_refused_unless_overwrite(jpg_set, tmp_path: Path, capsys) -> None:
