@@ -42,6 +42,10 @@ def _open_beton(path: Path):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
+    if path.is_dir():  # an image folder: the other backends read it as is; ffcv needs it converted first
+        raise DataError(f"{path} is an image folder, not an FFCV file: convert it with `byol-fast convert-ffcv "
+                        f"{path} OUT.beton` and pass --data OUT.beton, or read the folder with another "
+                        f"--data-backend (torch, dali, torchvision)")
     if not path.is_file():
         raise DataError(f"FFCV file {path} does not exist: create it with `byol-fast convert-ffcv IMAGE_DIR {path}`")
     try:

@@ -7,6 +7,7 @@ numba compile of its decode loop (about 1-4 s on a busy 2-core machine).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -342,6 +343,11 @@ def test_existing_output_is_refused_unless_overwrite(jpg_set, tmp_path: Path, ca
 def test_bad_loader_inputs_are_clear_errors(tmp_path: Path, jpg_set) -> None:
     with pytest.raises(DataError, match="convert-ffcv"):
         FfcvTwoViewLoader(tmp_path / "missing.beton", SPEC, BATCH, device="cpu")
+    folder = Path(jpg_set[0].files[0]).parent
+    with pytest.raises(DataError, match=rf"{re.escape(str(folder))} is an image folder.*`byol-fast convert-ffcv "
+                                        rf"{re.escape(str(folder))} OUT\.beton` and pass --data OUT\.beton, or .* "
+                                        r"another --data-backend"):
+        FfcvTwoViewLoader(folder, SPEC, BATCH, device="cpu")
     junk = tmp_path / "junk.beton"
     junk.write_bytes(b"\x00" * 4096)
     with pytest.raises(DataError, match="not a readable FFCV file"):
