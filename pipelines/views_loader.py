@@ -21,11 +21,26 @@ from torch import Tensor
 from pipelines.sources import DataError, shard_indices
 
 
+def _layout_problem(view1: object, view2: object, floating: bool = False) -> str | None:
+    """What keeps (view1, view2) from being two (N, 3, S, S) tensors of one shape (and a floating dtype, when
+    `floating`), or None when they are."""
+    for name, view in (("view1", view1), ("view2", view2)):
+        if not isinstance(view, Tensor):
+            return f"{name} is a {type(view).__name__}, not a tensor"
+        if floating and not view.is_floating_point():
+            return f"{name} is {view.dtype}, not floating point (views are normalized images)"
+        if view.dim() != 4 or view.shape[1] != 3 or view.shape[2] != view.shape[3]:
+            return f"{name} has shape {tuple(view.shape)}, not (N, 3, S, S)"
+    if view1.shape != view2.shape:
+        return f"view1 has shape {tuple(view1.shape)} but view2 {tuple(view2.shape)}: they must have one shape"
+    return None
+
+
 def save_views(path: str | Path, view1: Tensor, view2: Tensor) -> None:
     """Write a views file (float32, contiguous) that ViewsLoader reads."""
-    if view1.shape != view2.shape or view1.dim() != 4 or view1.shape[1] != 3:
-        raise ValueError(f"views must be two (N, 3, S, S) tensors of one shape, got {tuple(view1.shape)} "
-                         f"and {tuple(view2.shape)}")
+    problem = _layout_problem(view1, view2)
+    if problem is not None:
+        raise ValueError(f"views must be two (N, 3, S, S) tensors of one shape: {problem}")
     torch.save({"view1": view1.float().contiguous(), "view2": view2.float().contiguous()}, Path(path))
 
 
@@ -42,6 +57,12 @@ class ViewsLoader:
         if not isinstance(data, dict) or set(data) != {"view1", "view2"}:
             raise DataError(f"{path} is not a views file (a dict with 'view1' and 'view2'): "
                             f"write it with pipelines.views_loader.save_views")
+        # Checked in full here: batches index both views with one order, so a view2 of another length or
+        # size would otherwise fail mid-epoch (IndexError) or hand the step mismatched views.
+        problem = _layout_problem(data["view1"], data["view2"], floating=True)
+        if problem is not None:
+            raise DataError(f"{path} is not a valid views file: {problem}; write it with "
+                            f"pipelines.views_loader.save_views")
         if image_size is not None and tuple(data["view1"].shape[-2:]) != (image_size, image_size):
             raise DataError(f"{path} holds {tuple(data['view1'].shape[-2:])} views but image_size={image_size}: "
                             f"regenerate the file or change image_size")
