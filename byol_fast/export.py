@@ -4,8 +4,13 @@ The output loads with `strict=True` into `torchvision.models.<arch>()` and
 gives the same representation as the trainer's `learner.online_encoder` (with
 `model.fc = nn.Identity()`, the 2048-d ResNet-50 avgpool feature).
 `OUT.json` beside it says what it is: arch, image size, training step, the
-run's git SHA and config, the normalization the encoder expects. Both files are
-written atomically (temp file in the same folder, then rename).
+git SHA, versions and devices of the training attempt that wrote the checkpoint
+(`provenance`, with `provenance_source` saying where that record came from),
+the run's config, the normalization the encoder expects, and the torch /
+torchvision that exported it (`exported_with`). Both files are written
+atomically (temp file in the same folder, then rename) with the usual
+umask-based mode, and the output name and folder are checked before the
+checkpoint is read.
 
 The same module knows how to check that a state_dict fits an architecture and,
 when it does not, which keys and shapes differ and which architecture the
@@ -21,7 +26,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 import torchvision
@@ -110,11 +115,46 @@ def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the w
     raise EncoderMismatchError(f"{source} do not fit torchvision {arch}: {'; '.join(parts)}. {hint}")
 
 
+def _newest_checkpoint_in(directory: Path) -> Path | None:
+    """The newest step_*.pt in `directory` itself (a checkpoints/ folder) or in its checkpoints/ (a run folder)."""
+    manager = CheckpointManager(directory)
+    found = manager.checkpoints(directory) or manager.checkpoints()
+    return found[-1][1] if found else None
+
+
+def _is_exported_encoder(path: Path) -> bool:
+    """Whether `path` holds a plain encoder state_dict (what `byol-fast export` writes)."""
+    try:
+        read_encoder_weights(path)
+    except (EncoderMismatchError, OSError):
+        return False
+    return True
+
+
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by the trainer (CheckpointManager format), loaded safely on the CPU."""
+    """A checkpoint written by the trainer (CheckpointManager format), loaded safely on the CPU.
+
+    Raises CheckpointError naming the fix; a folder or an exported encoder passed in its place gets its own.
+    """
     path = Path(path)
-    # The manager only needs a run folder for its "use the previous checkpoint" hint: the file's grandparent.
-    return CheckpointManager(path.parent.parent).load(path)
+    if path.is_dir():
+        newest = _newest_checkpoint_in(path)
+        example = f"e.g. {newest}" if newest else "none is there: pass run_dir/checkpoints/step_*.pt of a run"
+        raise CheckpointError(f"checkpoint {path} is a directory: pass a .pt file inside it, {example}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a training checkpoint, "
+                              f"run_dir/checkpoints/step_*.pt")
+    try:
+        # The manager only needs a run folder for its "use the previous checkpoint" hint: the file's grandparent.
+        return CheckpointManager(path.parent.parent).load(path)
+    except CheckpointError as error:
+        # The manager's fix (move the file away, resume from an earlier one) is wrong for an exported encoder;
+        # reading the file again costs nothing on the success path.
+        if _is_exported_encoder(path):
+            raise CheckpointError(f"{path} is an exported encoder (a plain torchvision state_dict), not a training "
+                                  f"checkpoint: it needs no export; pass it to `byol-fast eval` with --weights") \
+                from error
+        raise
 
 
 def checkpoint_arch(state: dict[str, Any], arch: str | None) -> str:
@@ -126,22 +166,83 @@ def checkpoint_arch(state: dict[str, Any], arch: str | None) -> str:
     return arch or recorded
 
 
-def _run_provenance(checkpoint: Path) -> dict[str, Any] | None:
-    """The run's provenance.json (run_dir/provenance.json beside run_dir/checkpoints/), if present."""
-    candidate = checkpoint.resolve().parent.parent / "provenance.json"
-    if not candidate.is_file():
-        return None
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return value if isinstance(value, dict) else None
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(handle) on a temp file beside `path`, fsync, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def training_provenance(state: dict[str, Any], checkpoint: Path) -> tuple[dict[str, Any] | None, str]:
+    """(provenance, where it came from) of the training attempt behind `checkpoint`'s weights.
+
+    The checkpoint's own `provenance` (byol_fast.run_log.provenance() of the attempt
+    that wrote it) is exact. Older checkpoints lack it; then run_dir/provenance.json
+    is used, labelled as such, because it describes the run's latest attempt, which
+    may be a later one than the attempt that wrote this checkpoint.
+    """
+    recorded = state.get("provenance")
+    if isinstance(recorded, dict) and recorded:  # {} would come from a rank that records no provenance
+        return recorded, "checkpoint: the training attempt that wrote it"
+    run_file = checkpoint.resolve().parent.parent / "provenance.json"
+    fallback = _read_json_dict(run_file)
+    if fallback is not None:
+        return fallback, (f"{run_file}: the run's latest attempt, which may be a later one than the attempt that "
+                          f"wrote this checkpoint (the checkpoint records no provenance)")
+    return None, "none recorded (neither the checkpoint nor run_dir/provenance.json)"
+
+
+def metadata_path(output: str | Path) -> Path:
+    """Where the metadata of weights written to `output` goes: the same name with suffix .json."""
+    return Path(output).with_suffix(".json")
+
+
+def check_output_path(path: str | Path, name: str) -> None:
+    """Raise ValueError unless a file can be written at `path`: not a folder, in a folder that exists and
+    takes new files. `name` is what the message calls it (a CLI argument). Run it before any heavy work."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a directory: pass a file name inside it, e.g. {path / 'result.json'}")
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"{name} {path}: its folder {folder} {what}: create the folder first "
+                         f"(mkdir -p {folder}) or pass a path in an existing folder")
+    try:
+        # Creating a file is the test that counts: os.access says yes to root whatever the folder's mode.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{name} {path}: cannot create files in {folder} ({error.strerror or error}): "
+                         f"pass a path in a folder you can write to") from error
+
+
+def check_export_output(output: str | Path) -> None:
+    """Raise ValueError unless `output` and its metadata file are two different, writable files."""
+    output = Path(output)
+    if output.suffix.lower() == ".json":
+        raise ValueError(f"OUT {output} ends in .json, the name of the metadata file written beside the weights, "
+                         f"so the metadata would overwrite them: pass a .pt name, e.g. {output.with_suffix('.pt')}")
+    check_output_path(output, "OUT")
+    check_output_path(metadata_path(output), "OUT's metadata file")
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file, 0o666 less the umask (mkstemp's temp files are 0o600, unreadable to
+    the other users who can read the checkpoints). Reading the umask means setting it: it is put back at once,
+    and the value in between is a strict one, so a file another thread creates meanwhile is not left open."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(handle) on a temp file beside `path`, fsync, give it the usual mode, then rename it over `path`."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temp, _new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -153,18 +254,21 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, arch: str | None = None) -> dict[str, Any]:
-    """Write the checkpoint's encoder to `output` and its metadata to `output` with suffix .json.
+    """Write the checkpoint's encoder to `output` and its metadata to `metadata_path(output)`.
 
-    Returns the metadata. Raises CheckpointError for an unreadable checkpoint and
-    EncoderMismatchError when the encoder does not fit `arch`; nothing is written then.
+    Returns the metadata. Raises ValueError for an output name or folder that cannot
+    take both files (checked before the checkpoint is read), CheckpointError for an
+    unreadable checkpoint and EncoderMismatchError when the encoder does not fit
+    `arch`; nothing is written then.
     """
     checkpoint, output = Path(checkpoint), Path(output)
+    check_export_output(output)
     state = load_training_checkpoint(checkpoint)
     arch = checkpoint_arch(state, arch)
     encoder = export_encoder(state["model"])
     check_encoder_fits(encoder, arch, f"the encoder weights in {checkpoint}")
     config = state.get("config", {})
-    provenance = _run_provenance(checkpoint) or {}
+    provenance, provenance_source = training_provenance(state, checkpoint)
     metadata = {
         "format": f"torchvision.models.{arch}() state_dict (load with strict=True)",
         "arch": arch,
@@ -173,29 +277,43 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, arch: str | No
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "step": int(state["step"]),
-        "git": provenance.get("git"),
+        "git": (provenance or {}).get("git"),
+        "provenance": provenance,
+        "provenance_source": provenance_source,
         "config": config,
         "checkpoint": str(checkpoint.resolve()),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "exported_with": {"torch": str(torch.__version__), "torchvision": torchvision.__version__},
     }
     _atomic_write(output, lambda handle: torch.save(encoder, handle))
     text = json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n"
-    _atomic_write(output.with_suffix(".json"), lambda handle: handle.write(text.encode("utf-8")))
+    _atomic_write(metadata_path(output), lambda handle: handle.write(text.encode("utf-8")))
     return metadata
 
 
 def read_encoder_weights(path: str | Path) -> dict[str, Tensor]:
-    """A plain encoder state_dict file (as `byol-fast export` writes), loaded safely on the CPU."""
+    """A plain encoder state_dict file (as `byol-fast export` writes), loaded safely on the CPU.
+
+    Raises FileNotFoundError when `path` is no file and EncoderMismatchError naming the
+    path and the fix for an unreadable file, a training checkpoint, or anything else.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist: pass the OUT.pt written by `byol-fast export`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise EncoderMismatchError(f"{path} is not a state_dict of tensors: pass the OUT.pt of `byol-fast export`")
-    if "model" in state or any(key.startswith(ENCODER_PREFIX) for key in state):
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"weights file {path} {what}: pass the OUT.pt written by `byol-fast export`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types (RuntimeError, EOFError, UnpicklingError, ...)
+        # torch's own text runs to many lines (and suggests weights_only=False): its first sentence is the clue.
+        clue = (str(error).splitlines() or [""])[0].split(". ")[0]
+        raise EncoderMismatchError(f"cannot read weights file {path}: it is truncated, corrupt or not a torch.save "
+                                   f"file ({type(error).__name__}: {clue}). Pass the OUT.pt written by `byol-fast "
+                                   f"export`, exporting it again if it was cut short") from error
+    # A training checkpoint holds non-tensors too: name it as what it is before the all-tensors check.
+    if isinstance(state, dict) and ("model" in state or any(str(key).startswith(ENCODER_PREFIX) for key in state)):
         raise EncoderMismatchError(f"{path} looks like a training checkpoint or a learner state_dict: "
                                    f"use --checkpoint for it, or export it first with `byol-fast export`")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise EncoderMismatchError(f"{path} is not a state_dict of tensors: pass the OUT.pt of `byol-fast export`")
     return state
 
 
@@ -212,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast export`."""
     parser = argparse.ArgumentParser(prog="byol-fast export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a training checkpoint (run_dir/checkpoints/step_*.pt)")
-    parser.add_argument("output", help="where to write the state_dict (.pt); metadata goes to the same name .json")
+    parser.add_argument("output", help="where to write the state_dict (.pt, in an existing folder); metadata goes "
+                                       "to the same name with .json")
     parser.add_argument("--arch", choices=TORCHVISION_ENCODERS, default=None,
                         help="encoder architecture (default: the one the checkpoint recorded)")
     return parser
@@ -223,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         metadata = export_checkpoint(args.checkpoint, args.output, args.arch)
-    except (CheckpointError, EncoderMismatchError) as error:
-        print(f"byol-fast export: {error}", file=sys.stderr)
+    except (CheckpointError, ValueError, OSError) as error:  # ValueError: bad output, EncoderMismatchError
+        print(f"byol-fast export: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output} ({metadata['arch']}, step {metadata['step']}) and {Path(args.output).with_suffix('.json')}")
+    print(f"wrote {args.output} ({metadata['arch']}, step {metadata['step']}) and {metadata_path(args.output)}")
     return 0
 
 

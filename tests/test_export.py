@@ -1,6 +1,9 @@
 """`byol-fast export`: strict torchvision load, identical features, metadata, and clear errors."""
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +11,10 @@ import torchvision
 from torch import nn
 
 from byol_fast import BYOL, LARS
-from byol_fast.checkpoint import CheckpointManager
+from byol_fast.checkpoint import CheckpointError, CheckpointManager
 from byol_fast.evaluate import load_encoder
-from byol_fast.export import EncoderMismatchError, check_encoder_fits, export_encoder, main
+from byol_fast.export import EncoderMismatchError, check_encoder_fits, export_encoder, main, read_encoder_weights
+from byol_fast.run_log import provenance
 
 SIZE = 32
 
@@ -26,16 +30,56 @@ def trained_learner() -> tuple[BYOL, LARS]:
     return learner, optimizer
 
 
+# The attempt that wrote the checkpoint vs the run's latest attempt (run_dir/provenance.json): they differ.
+WRITER_GIT = {"sha": "c0ffee12", "dirty": False}
+LATEST_GIT = {"sha": "0123abcd", "dirty": True}
+
+
+def checkpoint_state(learner: BYOL, optimizer: LARS, config: dict) -> dict:
+    return {"model": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "meta": {"arch": "resnet18", "image_size": SIZE}, "config": config}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """(learner, checkpoint carrying the provenance of the attempt that wrote it, config)."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("run")
     learner, optimizer = trained_learner()
     config = {"arch": "resnet18", "image_size": SIZE, "base_lr": 0.2, "epochs": 3}
-    path = CheckpointManager(root).save(7, {"model": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "meta": {"arch": "resnet18", "image_size": SIZE}, "config": config})
-    (root / "provenance.json").write_text(json.dumps({"git": {"sha": "0123abcd", "dirty": False}}))
+    CheckpointManager(root).save(3, checkpoint_state(learner, optimizer, config))  # older: never the example
+    writer = {**provenance(), "git": WRITER_GIT}  # the real record, so it must survive the safe load
+    path = CheckpointManager(root).save(7, {**checkpoint_state(learner, optimizer, config), "provenance": writer})
+    (root / "provenance.json").write_text(json.dumps({"git": LATEST_GIT, "torch": "9.9"}))
     return learner, path, config
+
+
+@pytest.fixture(scope="module")
+def old_checkpoint(run, tmp_path_factory):
+    """A checkpoint written before checkpoints carried their provenance, in a run whose latest attempt differs."""
+    learner, _, config = run
+    root = tmp_path_factory.mktemp("old_run")
+    optimizer = LARS(learner.trainable_parameters(), lr=0.5)
+    path = CheckpointManager(root).save(5, checkpoint_state(learner, optimizer, config))
+    (root / "provenance.json").write_text(json.dumps({"git": LATEST_GIT, "torch": "9.9"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    """The encoder file `byol-fast export` writes for `run`'s checkpoint."""
+    output = tmp_path_factory.mktemp("exported") / "encoder.pt"
+    assert main([str(run[1]), str(output)]) == 0
+    return output
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in."""
+    if os.geteuid() == 0:
+        return Path("/sys")  # root ignores folder modes; sysfs takes no new files even from root
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    return folder
 
 
 def test_export_loads_strictly_and_gives_the_trainers_features(run, tmp_path):
@@ -57,7 +101,12 @@ def test_export_loads_strictly_and_gives_the_trainers_features(run, tmp_path):
 
     metadata = json.loads(output.with_suffix(".json").read_text())
     assert metadata["arch"] == "resnet18" and metadata["image_size"] == SIZE and metadata["step"] == 7
-    assert metadata["git"] == {"sha": "0123abcd", "dirty": False}
+    # Provenance of the attempt that wrote the checkpoint, not of the run's latest attempt.
+    assert metadata["git"] == WRITER_GIT
+    assert metadata["provenance"]["git"] == WRITER_GIT and metadata["provenance"]["torch"] == str(torch.__version__)
+    assert "devices" in metadata["provenance"]
+    assert metadata["provenance_source"].startswith("checkpoint")
+    assert metadata["exported_with"] == {"torch": str(torch.__version__), "torchvision": torchvision.__version__}
     assert metadata["config"] == config
     assert metadata["mean"] == [0.485, 0.456, 0.406]
     assert not list(tmp_path.glob(".*.tmp")), "temp files must be renamed or removed"
@@ -109,3 +158,82 @@ def test_eval_reads_the_checkpoint_it_names(run):
     learner.online_encoder.eval()
     with torch.no_grad():
         assert torch.equal(encoder.eval()(images), learner.online_encoder(images))
+
+
+def test_checkpoint_without_provenance_falls_back_to_the_runs_labelled(old_checkpoint, tmp_path):
+    output = tmp_path / "encoder.pt"
+    assert main([str(old_checkpoint), str(output)]) == 0
+    metadata = json.loads(output.with_suffix(".json").read_text())
+    assert metadata["git"] == LATEST_GIT and metadata["provenance"]["torch"] == "9.9"
+    source = metadata["provenance_source"]
+    assert source.startswith(str(old_checkpoint.parent.parent.resolve() / "provenance.json"))
+    assert "may be a later one than the attempt that wrote this checkpoint" in source
+
+
+def test_json_output_name_is_refused_before_loading(run, tmp_path, capsys):
+    # A missing checkpoint proves the order: the output name is refused before the checkpoint is read.
+    assert main([str(tmp_path / "missing.pt"), str(tmp_path / "encoder.json")]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("byol-fast export: error: OUT ")
+    assert f"would overwrite them: pass a .pt name, e.g. {tmp_path / 'encoder.pt'}" in message
+    assert main([str(run[1]), str(tmp_path / "encoder.json")]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "a file", "unwritable", "a directory", "metadata a directory"])
+def test_output_folder_is_checked_before_loading(tmp_path, capsys, case):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "taken.json").mkdir()
+    output, expected = {
+        "missing": (tmp_path / "no" / "encoder.pt", f"its folder {tmp_path / 'no'} does not exist: create the folder "
+                                                   f"first (mkdir -p {tmp_path / 'no'})"),
+        "a file": (tmp_path / "a_file" / "encoder.pt", f"its folder {tmp_path / 'a_file'} is not a folder"),
+        "unwritable": (unwritable_folder(tmp_path) / "encoder.pt", "pass a path in a folder you can write to"),
+        "a directory": (tmp_path / "a_dir", "is a directory: pass a file name inside it"),
+        "metadata a directory": (tmp_path / "taken.pt", f"metadata file {tmp_path / 'taken.json'} is a directory"),
+    }[case]
+    assert main([str(tmp_path / "missing.pt"), str(output)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("byol-fast export: error: OUT") and expected in message
+    assert not (tmp_path / "no").exists(), "a missing folder is reported, not created"
+
+
+def test_exported_files_get_the_umask_mode_not_mkstemps_0600(run, tmp_path):
+    output = tmp_path / "encoder.pt"
+    previous = os.umask(0o027)
+    try:
+        assert main([str(run[1]), str(output)]) == 0
+    finally:
+        os.umask(previous)
+    assert output.stat().st_mode & 0o777 == 0o640
+    assert output.with_suffix(".json").stat().st_mode & 0o777 == 0o640
+
+
+def test_unreadable_or_wrong_weights_files_are_named(run, exported, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(exported.read_bytes()[:100_000])
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n")
+    for path in (truncated, text):
+        expected = f"cannot read weights file {path}: it is truncated, corrupt or not a torch.save file "
+        with pytest.raises(EncoderMismatchError, match=re.escape(expected) + ".*Pass the OUT.pt written by"):
+            read_encoder_weights(path)
+    with pytest.raises(EncoderMismatchError, match="looks like a training checkpoint .*use --checkpoint for it"):
+        load_encoder("resnet18", weights=str(run[1]))
+    assert read_encoder_weights(exported).keys() == torchvision.models.resnet18().state_dict().keys()
+
+
+def test_exported_encoder_or_folder_passed_as_checkpoint(run, exported, tmp_path, capsys):
+    expected = f"{re.escape(str(exported))} is an exported encoder .*`byol-fast eval` with --weights"
+    with pytest.raises(CheckpointError, match=expected):
+        load_encoder(None, checkpoint=str(exported))
+    assert main([str(exported), str(tmp_path / "again.pt")]) == 2
+    assert "is an exported encoder" in capsys.readouterr().err
+    # The example is the newest checkpoint by step number (step 7; step 3 is older).
+    for folder in (run[1].parent.parent, run[1].parent):
+        expected = f"checkpoint {folder} is a directory: pass a .pt file inside it, e.g. {run[1]}"
+        with pytest.raises(CheckpointError, match=re.escape(expected) + "$"):
+            load_encoder(None, checkpoint=str(folder))
+    with pytest.raises(CheckpointError, match="is a directory: pass a .pt file inside it, none is there"):
+        load_encoder(None, checkpoint=str(tmp_path))
