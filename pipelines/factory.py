@@ -126,7 +126,7 @@ def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, p
             ffcv.set_epoch(epoch)
             return iter(ffcv)
 
-        return TrainLoader(name, len(ffcv), _skipping(ffcv_epoch))
+        return TrainLoader(name, len(ffcv), _skipping(ffcv_epoch), ffcv.close)
     images = load_images(data)
     if name == "torchvision":
         from pipelines.torchvision_loader import build_torchvision_loader
@@ -149,4 +149,4 @@ def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, p
         dali.set_epoch(epoch)
         return iter(dali)
 
-    return TrainLoader(name, len(dali), _skipping(dali_epoch))
+    return TrainLoader(name, len(dali), _skipping(dali_epoch), dali.close)

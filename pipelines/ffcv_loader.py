@@ -175,6 +175,16 @@ class FfcvTwoViewLoader:
                 pass
         iterator.join()
 
+    def close(self) -> None:
+        """Stop an unfinished epoch's ffcv thread and drop the ffcv Loader, and with it the file's memory map.
+
+        Safe to call twice. The loader cannot be iterated afterwards: build a new one (ffcv compiles anew).
+        """
+        self._stop_active()
+        # Dropped, not closed: ffcv 1.0.2's Loader has no close(). Its traversal orders point back at it, so
+        # the map goes at the next garbage collection rather than at once.
+        self._loader = None
+
     @staticmethod
     def _batches_of(iterator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """ffcv EpochIterator.__next__, but an error in its thread raises here instead of hanging forever.
@@ -203,6 +213,8 @@ class FfcvTwoViewLoader:
         """
         from pipelines import ffcv_ops
 
+        if self._loader is None:
+            raise RuntimeError(f"this FfcvTwoViewLoader of {self.path} was closed: build a new one to read it again")
         self._stop_active()
         self._control[ffcv_ops.CONTROL_EPOCH] = self._epoch
         self._control[ffcv_ops.CONTROL_FAILED] = 0

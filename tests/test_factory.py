@@ -1,6 +1,10 @@
 """build_train_loader: backend choice, missing extras, and for every backend the trainer's contract:
 batches written into the step's buffers, and `start=k` resuming at exactly the k-th batch of the epoch."""
 
+import gc
+import os
+import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -110,3 +114,40 @@ def test_channels_first_buffers_are_not_handed_to_channels_last_backends(sources
     plain = tuple(torch.zeros(BATCH, 3, SIZE, SIZE) for _ in range(2))  # the CPU step's default layout
     view1, _ = next(build_train_loader("dali", sources["dali"], SPEC, BATCH, workers=1, out=plain).batches(0))
     assert view1 is not plain[0] and view1.shape == plain[0].shape  # the step copies it into its buffer
+
+
+def _backend_threads(backend: str) -> int:
+    """Live threads the backend started: DALI's native ones (named "[DALI]..."), or ffcv's epoch threads."""
+    if backend == "dali":
+        return sum((task / "comm").read_text().startswith("[DALI]") for task in Path("/proc/self/task").iterdir())
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    return sum(isinstance(thread, EpochIterator) and thread.is_alive() for thread in threading.enumerate())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts native threads through Linux /proc")
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=pytest.mark.dali),
+                                     pytest.param("ffcv", marks=pytest.mark.ffcv)])
+def test_close_stops_the_backends_threads_mid_epoch(backend, sources):
+    """The trainer's `finally: loader.close()` may run with an epoch still open (a step raised): close() must
+    stop what the backend started, not leave it to garbage collection."""
+    if not factory.backend_installed(backend):
+        pytest.skip(f"{backend} is not installed")
+    before = _backend_threads(backend)
+    # Batch 1: 12 batches, more than ffcv makes ahead, so its epoch thread is still working after one.
+    loader = build_train_loader(backend, sources[backend], SPEC, 1, workers=2)
+    backend_loader = loader._close_fn.__self__ if loader._close_fn is not None else None
+    epoch = loader.batches(0)
+    next(epoch)
+    assert _backend_threads(backend) > before
+    if backend == "ffcv":
+        ffcv_loader = weakref.ref(backend_loader._loader)
+    loader.close()
+    assert _backend_threads(backend) == before
+    loader.close()  # a second close is harmless
+    if backend == "ffcv":
+        with pytest.raises(RuntimeError, match="was closed: build a new one"):
+            next(backend_loader.raw_batches())
+        epoch.close()
+        gc.collect()
+        assert ffcv_loader() is None  # dropped with its memory map of the .beton, though the loader object lives
