@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,11 +35,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from byol_fast.checkpoint import CheckpointError
-from byol_fast.export import (EncoderMismatchError, checkpoint_arch, encoder_for_features, export_encoder,
+from byol_fast.export import (check_output_path, checkpoint_arch, encoder_for_features, export_encoder,
                               load_training_checkpoint, read_encoder_weights)
-from byol_fast.features import (EVAL_CROP_FRACTION, Images, TransformedImages, check_labelled_split, encode,
-                                extract_features, train_transform)
-from byol_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
+from byol_fast.features import (EVAL_CROP_FRACTION, Images, TransformedImages, check_crop_fraction,
+                                check_labelled_split, encode, extract_features, train_transform)
+from byol_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_settings, knn_accuracy
 from byol_fast.logreg import logistic_regression_probe
 from byol_fast.model import TORCHVISION_ENCODERS
 from byol_fast.schedules import WarmupCosineLR, scaled_lr
@@ -105,6 +106,19 @@ def load_encoder(arch: str | None, checkpoint: str | None = None, weights: str |
     return encoder, {"arch": arch, "image_size": None, "source": str(weights)}
 
 
+def check_at_least(value: int | None, minimum: int, name: str, fix: str) -> None:
+    """Raise ValueError naming `name` (e.g. a CLI flag) and the fix unless `value` is None or >= minimum."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}: {fix}")
+
+
+def check_base_lr(base_lr: float, name: str = "base_lr") -> None:
+    """Raise ValueError unless the probe's learning rate per 256 images is a finite number > 0."""
+    if not 0.0 < base_lr < math.inf:  # written so that NaN fails too
+        raise ValueError(f"{name}={base_lr} must be a finite number > 0: it is the lr per 256 images "
+                         f"(default {LINEAR_BASE_LR})")
+
+
 @torch.no_grad()
 def _feature_size(encoder: nn.Module, image_size: int, device: torch.device) -> int:
     was_training = encoder.training
@@ -132,8 +146,8 @@ def linear_probe_sgd(encoder: nn.Module, train: Images, val: Images, *, image_si
     """
     check_labelled_split(train, "train")
     check_labelled_split(val, "val")
-    if epochs < 1:
-        raise ValueError(f"epochs={epochs} must be >= 1")
+    check_at_least(epochs, 1, "epochs", f"the probe trains for that many epochs (default {LINEAR_EPOCHS})")
+    check_base_lr(base_lr)
     device = torch.device(device)
     encoder.to(device).eval()
     batch_size = min(batch_size, len(train))
@@ -224,8 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag and the fix for a setting that would fail later, after the data and
+    the weights were read and maybe features extracted; reads nothing but the output's folder."""
+    check_at_least(args.image_size, 1, "--image-size", "leave it out to use the checkpoint's training size")
+    check_crop_fraction(args.crop_fraction, "--crop-fraction")
+    check_at_least(args.batch_size, 1, "--batch-size", "leave it out for the default")
+    check_at_least(args.workers, 0, "--workers", "pass 0 to load data in the main process")
+    if args.protocol == "knn":
+        check_knn_settings(args.k, args.temperature, "--k", "--temperature")
+    else:
+        check_at_least(args.epochs, 1, "--epochs", f"the sgd probe trains for that many epochs "
+                                                   f"(default {LINEAR_EPOCHS})")
+        check_base_lr(args.base_lr, "--base-lr")
+    if args.output is not None:
+        check_output_path(args.output, "--output")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate data and weights (cheap checks first), then run the chosen protocol."""
+    """Validate the flags, data and weights (cheap checks first), then run the chosen protocol."""
+    validate_args(args)
     train, val, described = load_splits(args.data)
     encoder, info = load_encoder(args.arch, args.checkpoint, args.weights)
     image_size = args.image_size or info["image_size"] or 224
@@ -253,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (DataError, CheckpointError, EncoderMismatchError, FileNotFoundError) as error:
-        print(f"byol-fast eval: {error}", file=sys.stderr)
+        text = json.dumps(result, default=str)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+    # ValueError: bad flags, DataError, EncoderMismatchError; OSError: missing weights, unreadable files.
+    except (ValueError, OSError, CheckpointError) as error:
+        print(f"byol-fast eval: error: {error}", file=sys.stderr)
         return 2
-    text = json.dumps(result, default=str)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
     return 0
 
 

@@ -72,12 +72,18 @@ def load_image(images: Images, index: int) -> Image.Image:
     return load_rgb(images.files[index])
 
 
+def check_crop_fraction(crop_fraction: float, name: str = "crop_fraction") -> None:
+    """Raise ValueError unless 0 < crop_fraction <= 1; `name` is what the message calls it (e.g. a CLI flag)."""
+    if not 0.0 < crop_fraction <= 1.0:  # written so that NaN fails too
+        raise ValueError(f"{name}={crop_fraction} must lie in (0, 1]: it is the centre crop's share of the resized "
+                         f"short side (0.875 = 224/256 is the usual one; 1 keeps the whole image)")
+
+
 def eval_transform(image_size: int, crop_fraction: float = EVAL_CROP_FRACTION,
                    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Callable:
     """Deterministic view for evaluation: bicubic resize of the short side to image_size / crop_fraction,
     centre crop image_size, normalize (as in BYOL's evaluation; crop_fraction=1 keeps the whole image)."""
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction={crop_fraction} must lie in (0, 1]")
+    check_crop_fraction(crop_fraction)
     return transforms.Compose([
         transforms.Resize(round(image_size / crop_fraction), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),

@@ -11,6 +11,7 @@ representation is improving.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -24,6 +25,17 @@ DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 
 
+def check_knn_settings(k: int, temperature: float, k_name: str = "k", temperature_name: str = "temperature") -> None:
+    """Raise ValueError unless k >= 1 and temperature is a finite positive number; the names are what the
+    message calls them (e.g. CLI flags)."""
+    if k < 1:
+        raise ValueError(f"{k_name}={k} must be >= 1: it is how many nearest training features vote "
+                         f"(default {DEFAULT_K})")
+    if not 0.0 < temperature < math.inf:  # written so that NaN fails too
+        raise ValueError(f"{temperature_name}={temperature} must be a finite number > 0: votes are weighted by "
+                         f"exp(similarity / temperature) (default {DEFAULT_TEMPERATURE})")
+
+
 def knn_predict(train_features: Tensor, train_labels: Tensor, query_features: Tensor, num_classes: int,
                 k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 1024) -> Tensor:
     """Predicted label [Q] of each query by temperature-weighted cosine kNN over the training set.
@@ -35,10 +47,7 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, query_features: Te
         raise ValueError(f"{train_features.shape[0]} training features but {train_labels.shape[0]} labels")
     if train_features.shape[0] == 0:
         raise ValueError("kNN needs at least one training feature")
-    if not 0 < k:
-        raise ValueError(f"k={k} must be positive")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive")
+    check_knn_settings(k, temperature)
     k = min(k, train_features.shape[0])
     bank = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(bank.device).long()

@@ -133,3 +133,36 @@ def test_cuda_features_match_cpu_within_bf16(colour_data):
     # bf16 autocast: each feature vector keeps its direction to within ~1%.
     cosine = torch.nn.functional.cosine_similarity(gpu_x.cpu(), cpu_x, dim=1)
     assert cosine.min().item() > 0.99
+
+
+BAD_FLAGS = [
+    ("knn", "--k", "0", "--k=0 must be >= 1"),
+    ("knn", "--temperature", "0", "--temperature=0.0 must be a finite number > 0"),
+    ("knn", "--batch-size", "0", "--batch-size=0 must be >= 1"),
+    ("linear", "--epochs", "0", "--epochs=0 must be >= 1"),
+    ("linear", "--base-lr", "-1", "--base-lr=-1.0 must be a finite number > 0"),
+    ("linear", "--crop-fraction", "0", "--crop-fraction=0.0 must lie in (0, 1]"),
+    ("knn", "--crop-fraction", "1.5", "--crop-fraction=1.5 must lie in (0, 1]"),
+    ("linear", "--batch-size", "0", "--batch-size=0 must be >= 1"),
+    ("linear", "--image-size", "0", "--image-size=0 must be >= 1"),
+    ("linear", "--workers", "-1", "--workers=-1 must be >= 0"),
+    ("knn", "--output", "{tmp}/missing/result.json", "its folder {tmp}/missing does not exist: create the folder"),
+    ("linear", "--output", "{tmp}", "--output {tmp} is a directory: pass a file name inside it"),
+]
+
+
+@pytest.mark.parametrize("protocol, flag, value, expected", BAD_FLAGS, ids=[" ".join(c[:3]) for c in BAD_FLAGS])
+def test_bad_flags_fail_before_any_loading(tmp_path, capsys, protocol, flag, value, expected):
+    # Neither the data nor the weights exist: naming the flag proves it was checked before either was read.
+    code, _, err = run_cli(capsys, protocol, flag, value.format(tmp=tmp_path), "--weights", tmp_path / "none.pt",
+                           "--data", tmp_path / "no_data")
+    assert code == 2
+    assert err.startswith("byol-fast eval: error: ") and expected.format(tmp=tmp_path) in err
+
+
+def test_corrupt_weights_file_is_an_error_not_a_traceback(colour_data, weights, tmp_path, capsys):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(weights.read_bytes()[:4096])
+    code, _, err = run_cli(capsys, "knn", "--weights", truncated, "--arch", "resnet18", "--data", colour_data)
+    assert code == 2
+    assert err.startswith(f"byol-fast eval: error: cannot read weights file {truncated}: it is truncated")

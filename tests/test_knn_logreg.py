@@ -41,6 +41,15 @@ def test_knn_matches_brute_force(k, temperature):
     assert predicted.tolist() == reference
 
 
+@pytest.mark.parametrize("k,temperature,message", [(0, 0.07, "k=0 must be >= 1"),
+                                                    (5, 0.0, "temperature=0.0 must be a finite number > 0"),
+                                                    (5, math.nan, "temperature=nan must be a finite number > 0")])
+def test_knn_refuses_bad_settings(k, temperature, message):
+    # NaN used to pass (`nan <= 0` is False) and turned every vote into NaN.
+    with pytest.raises(ValueError, match=message):
+        knn_predict(torch.ones(3, 2), torch.zeros(3), torch.ones(1, 2), 2, k=k, temperature=temperature)
+
+
 def test_knn_accuracy_counts_hits():
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
