@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from byol_fast.checkpoint import CheckpointError
 from byol_fast.export import (check_output_path, checkpoint_arch, encoder_for_features, export_encoder,
-                              load_training_checkpoint, read_encoder_weights)
+                              exported_metadata, load_training_checkpoint, read_encoder_weights)
 from byol_fast.features import (EVAL_CROP_FRACTION, Images, TransformedImages, check_crop_fraction,
                                 check_labelled_split, encode, extract_features, train_transform)
 from byol_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_settings, knn_accuracy
@@ -90,7 +90,7 @@ def check_same_classes(train: list[str], val: list[str], train_name: Any, val_na
 def load_encoder(arch: str | None, checkpoint: str | None = None, weights: str | None = None) -> tuple[nn.Module, dict]:
     """(encoder mapping images to representations, info) from a training checkpoint or exported weights.
 
-    info holds the arch and, for a checkpoint, the image size it was trained at.
+    info holds the arch and the image size the encoder was trained at (None when nothing records it).
     Raises EncoderMismatchError naming differing keys/shapes when the weights do not fit `arch`.
     """
     if (checkpoint is None) == (weights is None):
@@ -101,9 +101,12 @@ def load_encoder(arch: str | None, checkpoint: str | None = None, weights: str |
         image_size = state.get("meta", {}).get("image_size")
         return encoder_for_features(arch, export_encoder(state["model"]), f"the encoder in {checkpoint}"), \
             {"arch": arch, "image_size": image_size, "source": str(checkpoint), "step": int(state["step"])}
-    arch = arch or "resnet50"
+    # An export's metadata says what the weights are and the size they were trained at; a plain torchvision
+    # state_dict has none, and is taken for the usual ResNet-50 at 224.
+    recorded = exported_metadata(weights)
+    arch = arch or recorded.get("arch") or "resnet50"
     encoder = encoder_for_features(arch, read_encoder_weights(weights), f"the weights in {weights}")
-    return encoder, {"arch": arch, "image_size": None, "source": str(weights)}
+    return encoder, {"arch": arch, "image_size": recorded.get("image_size"), "source": str(weights)}
 
 
 def check_at_least(value: int | None, minimum: int, name: str, fix: str) -> None:
@@ -216,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--checkpoint", help="a training checkpoint (run_dir/checkpoints/step_*.pt)")
         source.add_argument("--weights", help="an exported encoder state_dict (byol-fast export)")
         sub.add_argument("--arch", choices=TORCHVISION_ENCODERS, default=None,
-                         help="encoder architecture (default: the checkpoint's; resnet50 with --weights)")
+                         help="encoder architecture (default: the checkpoint's, or the one in the .json that "
+                              "`byol-fast export` wrote beside --weights; else resnet50)")
         sub.add_argument("--data", required=True, help="folder with train/ and val/ class folders, or STL-10 binaries")
         sub.add_argument("--image-size", type=int, default=None,
-                         help="evaluation crop (default: the checkpoint's training size, else 224)")
+                         help="evaluation crop (default: the training size the checkpoint or the export's .json "
+                              "records, else 224)")
         sub.add_argument("--crop-fraction", type=float, default=EVAL_CROP_FRACTION,
                          help="centre crop / resized short side (default 0.875 = 224/256; 1 keeps the whole image)")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -199,6 +199,11 @@ def metadata_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".json")
 
 
+def exported_metadata(weights: str | Path) -> dict[str, Any]:
+    """The metadata `byol-fast export` wrote beside `weights` (arch, image_size, ...), or {} when there is none."""
+    return _read_json_dict(metadata_path(weights)) or {}
+
+
 def check_output_path(path: str | Path, name: str) -> None:
     """Raise ValueError unless a file can be written at `path`: not a folder, in a folder that exists and
     takes new files. `name` is what the message calls it (a CLI argument). Run it before any heavy work."""

@@ -160,6 +160,16 @@ def test_eval_reads_the_checkpoint_it_names(run):
         assert torch.equal(encoder.eval()(images), learner.online_encoder(images))
 
 
+def test_eval_of_exported_weights_takes_arch_and_training_size_from_the_exports_json(exported, tmp_path):
+    encoder, info = load_encoder(None, weights=str(exported))  # a resnet18 trained at 32 px
+    assert info == {"arch": "resnet18", "image_size": SIZE, "source": str(exported)}
+    bare = tmp_path / "bare.pt"  # the same weights without their .json: nothing records arch or size
+    bare.write_bytes(exported.read_bytes())
+    assert load_encoder("resnet18", weights=str(bare))[1]["image_size"] is None
+    with pytest.raises(EncoderMismatchError, match="resnet50"):
+        load_encoder(None, weights=str(bare))
+
+
 def test_checkpoint_without_provenance_falls_back_to_the_runs_labelled(old_checkpoint, tmp_path):
     output = tmp_path / "encoder.pt"
     assert main([str(old_checkpoint), str(output)]) == 0
