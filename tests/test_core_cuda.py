@@ -10,6 +10,8 @@ pytestmark = pytest.mark.cuda
 
 
 def resnet50_params_and_grads(seed):
+    """The same weights and gradients for the same seed (the weights come from the global CPU RNG)."""
+    torch.manual_seed(seed)
     generator = torch.Generator(device="cuda").manual_seed(seed)
     params = [p.detach().cuda().requires_grad_() for p in torchvision.models.resnet50().parameters()]
     grads = [torch.randn(p.shape, device="cuda", generator=generator) * 1e-2 for p in params]
