@@ -137,8 +137,8 @@ def warm_and_time(fn: Callable[[], Any], device: torch.device, warmup: int, targ
                   max_calls: int) -> tuple[int, float]:
     """`warmup` untimed calls, one probe call to size the run, then a timed region of about `target_s`.
 
-    The GPU's peak-memory window restarts after the warm-up, so peak_memory_gib() afterwards is the
-    steady state's (cuDNN's autotuning workspaces and capture scratch are not in it).
+    The GPU's peak-memory window restarts after the warm-up (with the cache emptied), so peak_memory_gib()
+    afterwards is the steady state's: a captured graph's pool is in it, cuDNN's autotuning workspaces are not.
     Returns (timed calls, seconds per call).
     """
     for _ in range(warmup):
@@ -152,9 +152,9 @@ def warm_and_time(fn: Callable[[], Any], device: torch.device, warmup: int, targ
 def peak_flops(device: torch.device) -> dict[str, Any]:
     """The measured matmul peak of `device` in FLOP/s, cached in $BYOL_BENCH_PEAK_CACHE when set.
 
-    GPU: an 8192^3 bf16 product on random data (3 warm-ups, 10 timed), as DESIGN.md's
-    MFU rule asks. CPU: a 1024^3 fp32 product (bf16 on most CPUs has no fast path),
-    so CPU MFU figures are against fp32 and say so.
+    GPU: an 8192^3 bf16 product on random data (50 warm-ups, 100 timed), as DESIGN.md's
+    MFU rule asks. CPU: a 1024^3 fp32 product (bf16 on most CPUs has no fast path; 3 warm-ups,
+    10 timed), so CPU MFU figures are against fp32 and say so.
     """
     name = device_name(device)
     cache = os.environ.get(PEAK_CACHE_ENV)
@@ -162,10 +162,10 @@ def peak_flops(device: torch.device) -> dict[str, Any]:
         cached = json.loads(Path(cache).read_text())
         if cached.get("device") == name:
             return cached
-    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    repeats = 10
-    result = {"device": name, "flops": measure_matmul_flops(device, size, dtype, repeats), "matmul": f"{size}^3",
-              "dtype": str(dtype).removeprefix("torch."), "timed_products": repeats}
+    size, dtype, warmup, repeats = (8192, torch.bfloat16, 50, 100) if device.type == "cuda" else \
+        (1024, torch.float32, 3, 10)
+    result = {"device": name, "flops": measure_matmul_flops(device, size, dtype, repeats, warmup),
+              "matmul": f"{size}^3", "dtype": str(dtype).removeprefix("torch."), "timed_products": repeats}
     if cache:
         Path(cache).write_text(json.dumps(result))
     return result
@@ -203,10 +203,12 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
-    """Peak bytes allocated by torch on the GPU since the last reset, in GiB; None on the CPU."""
+    """Peak bytes torch's caching allocator held (reserved) on the GPU since the last reset, in GiB; None on
+    the CPU. Reserved, not allocated: a captured graph's activations live in its private pool, allocated at
+    capture and never again at replay, so the allocated peak of a +graph row would leave them out."""
     if device.type != "cuda":
         return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
 
 
 class CpuMeter:
