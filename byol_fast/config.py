@@ -203,10 +203,14 @@ class TrainConfig:
             if not (writes_synthetic or path.is_dir()):
                 raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
                                  f"image folder, but data is {path}: pass --knn-every-epochs 0 or unset val_data")
-            # The synthetic val split does not exist yet when it is about to be written; any other val folder must.
-            synthetic_val = (path.parent / "val").resolve()
-            written_val = writes_synthetic and self.synthetic_val_images > 0 and val.resolve() == synthetic_val
-            if not (val.is_dir() or written_val):
+            # The synthetic tree's val split is what start-up writes there (nothing, when synthetic_val_images=0:
+            # a stale tree is re-made without it); any other val folder must exist now.
+            if writes_synthetic and val.resolve() == (path.parent / "val").resolve():
+                if not self.synthetic_val_images:
+                    raise ValueError(f"val_data {self.val_data} is the val split of the synthetic data, which "
+                                     f"synthetic_val_images=0 does not write: set --synthetic-val-images (e.g. "
+                                     f"256) or pass another --val-data")
+            elif not val.is_dir():
                 raise ValueError(f"val_data {self.val_data} is not a folder: pass a labelled <val>/<class>/<img> "
                                  f"tree with --val-data, or --knn-every-epochs 0")
         if self.data_backend == "views" and path.suffix != ".pt":

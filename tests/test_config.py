@@ -166,6 +166,10 @@ def test_synthetic_data_is_written_when_missing_or_stale_and_a_users_folder_is_r
     assert "writing 20 synthetic images" in capsys.readouterr().err
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "syn").rglob("*.JPEG")}
     assert len(first) == 20
+    # Its val split exists now, but settings without one would re-make the tree without it.
+    with pytest.raises(ValueError, match=r"val split of the synthetic data, which synthetic_val_images=0 does not"):
+        resolve_config("demo", overrides={"data": str(tmp_path / "syn" / "train"), "val_data": str(
+            tmp_path / "syn" / "val"), **small, "synthetic_val_images": 0}).validate(device="cpu")
     train.ensure_synthetic_data(config, one_process)  # current: reused
     assert capsys.readouterr().err == "" and {p: p.stat().st_mtime_ns for p in first} == first
     monkeypatch.setattr(synthetic, "GENERATOR", synthetic.GENERATOR + 1)  # newer code draws other pictures
