@@ -20,7 +20,7 @@ checkpoint and exit; all ranks agree on the step through a small gloo
 collective each step. SIGTERM exits 0, so a preempted job counts as a clean
 stop and its resubmission (same command) resumes; SIGINT exits 130. torchrun
 forwards signals to its workers and waits 30 s before killing them, ample for
-a checkpoint (a kNN due at that step is left to the resumed run). Exit codes: 0 done or stopped by SIGTERM, 1 training failed
+a checkpoint (a kNN due at that step, unless it is the last, is left to the resumed run). Exit codes: 0 done or stopped by SIGTERM, 1 training failed
 (e.g. a non-finite loss: the message names the step and the last good
 checkpoint, and no checkpoint of the bad state is written), 2 bad
 configuration, 130 stopped by SIGINT.
@@ -247,6 +247,8 @@ class Trainer:
         self.manager = CheckpointManager(config.run_dir, keep_last=config.keep_checkpoints)
         self.completed = 0  # optimizer steps done, over the whole run (resumes included)
         self.knn_pending = False  # a stop at an epoch's end left that epoch's kNN to the resumed run
+        # This run's newest checkpoint: the manager's newest may lie in a history a resume from an older one left.
+        self.last_checkpoint: Path | None = None
         self.flags = HostFlagReducer(info)
         # What produced this attempt (code, versions, device, command); every checkpoint it writes carries it.
         self.provenance = provenance() if info.is_main else {}
@@ -295,6 +297,7 @@ class Trainer:
                                   f"the settings that wrote it, or start a new --run-dir") from error
         self.step.load_state_dict(state["train_step"])
         self.completed = int(state["step"])
+        self.last_checkpoint = path
         self.knn_pending = bool(state["position"].get("knn_pending", False))
         rng = state.get("rng", [])
         if len(rng) == self.info.world_size:
@@ -325,6 +328,7 @@ class Trainer:
                 failure = str(error)
         if self.flags.any(failure is not None):
             raise TrainingError(failure or f"rank 0 could not save the step-{self.completed} checkpoint")
+        self.last_checkpoint = self.manager.path_for(self.completed)
         return path
 
     # -- the loop --
@@ -363,17 +367,18 @@ class Trainer:
                     every = self.config.checkpoint_every
                     checkpoint_due = stopping or k == self.stop_step or (every > 0 and k % every == 0)
                     epoch_done = k % self.steps_per_epoch == 0
+                    # A stopping run exits at once (torchrun kills it 30 s after the signal): the epoch's kNN
+                    # then runs first thing on resume. The last step's has no resume to wait for: it runs.
+                    defer_knn = stopping and epoch_done and k < self.stop_step
                     if checkpoint_due or k % self.config.log_every == 0:
                         window_start = self._log(logger, k, window_start, data_wait, timed_steps)
                         data_wait, timed_steps = 0.0, 0
                     if checkpoint_due:
-                        path = self.save(knn_pending=epoch_done and stopping)
+                        path = self.save(knn_pending=defer_knn)
                         if self.info.is_main:
                             print(f"byol-fast train: saved {path}", file=sys.stderr)
                         window_start = time.perf_counter()  # checkpoint time is not training throughput
-                    # A stopping run exits at once (torchrun kills it 30 s after the signal): the epoch's kNN
-                    # then runs first thing on resume.
-                    if epoch_done and not stopping:
+                    if epoch_done and not defer_knn:
                         window_start += self._run_knn(logger, epoch=k // self.steps_per_epoch)
                     if stopping:
                         code = EXIT_INTERRUPTED if stop.received == signal.SIGINT else EXIT_OK
@@ -412,7 +417,7 @@ class Trainer:
         if first_bad != float("inf"):
             raise TrainingError(
                 f"the loss became non-finite at step {int(first_bad) + 1} (counting from 1, as metrics.jsonl "
-                f"does); the last good checkpoint is {self.manager.latest() or 'none (none was saved yet)'}. "
+                f"does); the last good checkpoint is {self.last_checkpoint or 'none (none was saved yet)'}. "
                 f"Resume from it with --precision fp32, check the data (`byol-fast check-data`), or start a "
                 f"new --run-dir with a lower --base-lr (a resume keeps the checkpoint's schedule)")
         record = {"loss": loss_sum / max(steps, 1) / self.info.world_size, "lr": self.lr_at(k - 1),

@@ -135,7 +135,7 @@ def test_a_stop_at_an_epochs_end_exits_at_once_and_the_resumed_run_runs_that_epo
     def signalled_after_epoch_one(self, *views):
         call(self, *views)
         calls.append(1)
-        if len(calls) == 3:  # 3 steps an epoch: a scheduler's SIGTERM during the epoch's last step
+        if len(calls) in (3, 6):  # 3 steps an epoch: a scheduler's SIGTERM during the epoch's last step
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(TrainStep, "__call__", signalled_after_epoch_one)
@@ -150,8 +150,9 @@ def test_a_stop_at_an_epochs_end_exits_at_once_and_the_resumed_run_runs_that_epo
     assert train.main(args) == 0
     assert knn_records() == [(0, 0)]  # no kNN between the signal and the exit
     assert torch.load(run_dir / "checkpoints" / "step_00000003.pt")["position"]["knn_pending"] is True
-    assert train.main(args) == 0
+    assert train.main(args) == 0  # signalled again in the run's last step: no resume to leave its kNN to
     assert knn_records() == [(0, 0), (3, 1), (6, 2)]  # epoch 1's kNN, first thing on resume
+    assert torch.load(run_dir / "checkpoints" / "step_00000006.pt")["position"]["knn_pending"] is False
 
 
 def test_finished_run_is_not_restarted_or_mixed(data, reference, capsys):
@@ -211,6 +212,10 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [2]
     state = torch.load(good)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    # Resumed from step 2 beside a newer checkpoint of a history it leaves: the message names this run's.
+    (run_dir / "checkpoints" / "step_00000008.pt").write_bytes(good.read_bytes())
+    assert train.main(args + ["--resume", str(good)]) == 1
+    assert f"the last good checkpoint is {good}" in capsys.readouterr().err
 
 
 def test_throughput_windows_leave_out_warm_up_and_end_when_the_queued_steps_are_done(data, tmp_path, monkeypatch):
