@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-views": ("pipelines.show_views", "write a PNG grid of view pairs from any backend"),
     "convert-ffcv": ("pipelines.ffcv_loader", "convert an image folder to an FFCV .beton file"),
     "train": ("byol_fast.train", "BYOL pretraining (also: torchrun -m byol_fast.train)"),
-    "eval": ("byol_fast.evaluate", "linear evaluation of a pretrained encoder"),
+    "eval": ("byol_fast.evaluate", "linear or kNN evaluation of a pretrained encoder"),
     "export": ("byol_fast.export", "export the encoder as a torchvision state_dict"),
 }
 

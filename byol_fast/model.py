@@ -6,7 +6,7 @@
 Ten lines inside your own loop:
 
     learner = BYOL("resnet50", image_size=224, hidden_layer="avgpool")
-    optimizer = LARS(learner.trainable_parameters(), lr=4.8, weight_decay=1.5e-6)
+    optimizer = LARS(learner.trainable_parameters(), lr=4.8, weight_decay=1e-6)  # 300 epochs at batch 4096
     for view1, view2 in loader:
         loss = learner(view1, view2)
         optimizer.zero_grad(set_to_none=True)

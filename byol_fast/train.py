@@ -20,7 +20,8 @@ checkpoint and exit; all ranks agree on the step through a small gloo
 collective each step. SIGTERM exits 0, so a preempted job counts as a clean
 stop and its resubmission (same command) resumes; SIGINT exits 130. torchrun
 forwards signals to its workers and waits 30 s before killing them, ample for
-a checkpoint (a kNN due at that step, unless it is the last, is left to the resumed run). Exit codes: 0 done or stopped by SIGTERM, 1 training failed
+a checkpoint (a kNN due at that step, unless it is the run's last, is left to
+the resumed run). Exit codes: 0 done or stopped by SIGTERM, 1 training failed
 (e.g. a non-finite loss: the message names the step and the last good
 checkpoint, and no checkpoint of the bad state is written), 2 bad
 configuration, 130 stopped by SIGINT.
