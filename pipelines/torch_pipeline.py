@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from pipelines.decode import decode_rgb, sniff_format
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
@@ -65,15 +65,17 @@ def read_bytes(path: str) -> Tensor:
 
 
 def decode_cpu(data: Tensor, path: str) -> Tensor:
-    """Decode bytes to a [3, H, W] uint8 RGB CPU tensor: torchvision first, PIL for what it cannot read."""
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-        if image.dim() == 4:  # an animated GIF: all its frames; PIL and the other backends read the first
-            image = image[0]
-        if image.dtype == torch.uint8:  # 16-bit PNGs come back uint16: let PIL scale them to 8 bits
-            return image
-    except RuntimeError:
-        pass  # torchvision reads JPEG/PNG/WebP/GIF; PIL covers the rest (BMP, TIFF) and names bad files
+    """Decode bytes to a [3, H, W] uint8 RGB CPU tensor: JPEGs with torchvision (libjpeg-turbo), the rest,
+    and the JPEGs it cannot read, with PIL, which also names bad files.
+
+    Only JPEGs go to torchvision: its PNG decoder kills the process (SIGSEGV) on some corrupt files, e.g. a
+    bad IDAT checksum, instead of raising; PIL reads those pixels as `byol-fast check-data` does.
+    """
+    if sniff_format(data[:16].numpy().tobytes()) == "jpeg":
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # e.g. an unusual JPEG flavour: PIL reads it or names the file
     rgb = decode_rgb(data.numpy().tobytes(), path)
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 

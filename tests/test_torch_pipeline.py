@@ -3,6 +3,8 @@ sharding, determinism, buffers, errors; nvjpeg on CUDA."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from pipelines.torch_pipeline import (
     read_bytes,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 NUM_FILES = 12
 # Flip, colour and blur off: a view is then exactly the normalized resized crop.
@@ -191,6 +194,24 @@ def test_bad_files_are_named(tree, tmp_path):
         list(TorchImagePipeline(missing, _spec(), batch_size=4))
     with pytest.raises(DataError, match="too few"):
         TorchImagePipeline(images, _spec(), batch_size=8, world_size=2)
+
+
+def test_a_png_with_a_bad_checksum_is_read_as_check_data_reads_it_not_a_crash(tmp_path):
+    # torchvision's PNG decoder kills the process (SIGSEGV) on a bad IDAT checksum: run the decode in a child.
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    png = tmp_path / "bad_crc.png"
+    Image.fromarray(pixels).save(png)
+    data = bytearray(png.read_bytes())
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4:idat], "big")
+    data[idat + 4 + length] ^= 0xFF  # the chunk's CRC: the pixels are intact
+    png.write_bytes(bytes(data))
+    code = ("import sys, torch; from pipelines.torch_pipeline import decode_cpu, read_bytes; "
+            "torch.save(decode_cpu(read_bytes(sys.argv[1]), sys.argv[1]), sys.argv[2])")
+    child = subprocess.run([sys.executable, "-c", code, str(png), str(tmp_path / "out.pt")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    assert torch.equal(torch.load(tmp_path / "out.pt"), torch.from_numpy(pixels).permute(2, 0, 1))
 
 
 @pytest.mark.cuda
