@@ -62,6 +62,8 @@ class ViewSpec:
             raise ValueError(f"crop_scale={self.crop_scale} must allow a non-empty crop")
         _check_range("crop_ratio", self.crop_ratio, 1e-3, 1e3)
         _check_range("blur_sigma", self.blur_sigma, 0.0, 100.0)
+        if self.blur_sigma[0] <= 0:  # a zero-width Gaussian is 0/0: NaN views (torchvision refuses it too)
+            raise ValueError(f"blur_sigma={self.blur_sigma} must start above 0 (BYOL uses (0.1, 2.0))")
         for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
             _check_probability(name, getattr(self, name))
         for name in ("brightness", "contrast", "saturation"):
