@@ -171,11 +171,14 @@ def load_images(source: str | Path) -> ImageList:
     return read_file_list(source) if Path(source).expanduser().is_file() else scan_image_folder(source)
 
 
-def samples_per_rank(num_items: int, world_size: int, batch_size: int = 1, drop_last: bool = True) -> int:
-    """How many items each rank gets per epoch from `shard_indices` (the largest, without drop_last)."""
+def samples_per_rank(num_items: int, world_size: int, batch_size: int = 1, drop_last: bool = True,
+                     rank: int = 0) -> int:
+    """How many items rank `rank` gets per epoch from `shard_indices`: the same on every rank with drop_last;
+    without it the first num_items % world_size ranks get one more (rank 0's count is the largest)."""
     if drop_last:
         return (num_items // world_size) // batch_size * batch_size
-    return -(-num_items // world_size)
+    base, extra = divmod(num_items, world_size)
+    return base + (1 if rank < extra else 0)
 
 
 def shard_indices(
@@ -223,6 +226,6 @@ def shard_indices(
     else:
         # The first (num_items % world_size) ranks take one extra item.
         base, extra = divmod(num_items, world_size)
-        count = base + (1 if rank < extra else 0)
+        count = samples_per_rank(num_items, world_size, drop_last=False, rank=rank)
         start = rank * base + min(rank, extra)
     return order[start:start + count].astype(np.int64)

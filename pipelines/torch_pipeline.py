@@ -174,7 +174,7 @@ class TorchImagePipeline:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        count = samples_per_rank(len(self.images), self.world_size, self.batch_size, self.drop_last)
+        count = samples_per_rank(len(self.images), self.world_size, self.batch_size, self.drop_last, self.rank)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:

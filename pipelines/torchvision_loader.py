@@ -129,7 +129,7 @@ class _ShardSampler(Sampler):
 
     def __len__(self) -> int:
         a = self.args
-        return samples_per_rank(a["num_items"], a["world_size"], a["batch_size"], a["drop_last"])
+        return samples_per_rank(a["num_items"], a["world_size"], a["batch_size"], a["drop_last"], a["rank"])
 
 
 def _collate(samples: list, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | _Failure:

@@ -158,7 +158,7 @@ def test_shard_without_drop_last_covers_every_item_once(num_items: int, world_si
         assert sorted(union.tolist()) == list(range(num_items))
         sizes = [len(s) for s in shards]
         assert max(sizes) - min(sizes) <= 1
-        assert max(sizes) == samples_per_rank(num_items, world_size, drop_last=False)
+        assert sizes == [samples_per_rank(num_items, world_size, drop_last=False, rank=r) for r in range(world_size)]
 
 
 def test_shard_reshuffles_per_epoch_and_is_deterministic() -> None:

@@ -155,9 +155,10 @@ def test_sharding_covers_every_image_once_and_reshuffles(tree):
     seen, sizes = [], []
     for rank in range(5):
         pipeline = TorchImagePipeline(images, _spec(), batch_size=2, rank=rank, world_size=5, drop_last=False)
-        for _, _, labels in pipeline.batches(0):
-            seen += labels.tolist()
-            sizes.append(len(labels))
+        batches = [labels for _, _, labels in pipeline.batches(0)]
+        assert len(pipeline) == len(batches) == (2 if rank < 2 else 1)  # this rank's own count
+        seen += torch.cat(batches).tolist()
+        sizes += [len(labels) for labels in batches]
         pipeline.close()
     assert sorted(seen) == list(range(NUM_FILES)) and sizes.count(1) == 2
     pipeline = TorchImagePipeline(images, _spec(), batch_size=4, seed=1)

@@ -121,6 +121,10 @@ def test_ranks_partition_the_epoch_and_views_follow_the_image(images: ImageList)
             for label, view in zip(labels.tolist(), b1):
                 assert torch.equal(view, single[label][0])  # same image, same epoch -> same view on any rank
     assert sorted(seen) == list(range(48))
+    for rank, batches in ((0, 2), (6, 1)):  # drop_last=False: 48 over 7 ranks is 7 x 6 and 6; batches of 6
+        loader = build_torchvision_loader(images, SPEC, batch_size=6, rank=rank, world_size=7, workers=0,
+                                          drop_last=False)
+        assert len(loader) == len(list(loader.batches(0))) == batches
 
 
 def test_bad_file_raises_naming_it(tmp_path: Path, images: ImageList) -> None:
