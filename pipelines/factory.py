@@ -12,10 +12,10 @@ reach batch `start` by producing and dropping the batches before it (that
 data work is paid once per resume); the views source jumps there directly.
 
 How exactly a resumed run repeats the uninterrupted one: torchvision (per-image
-seeds) and torch (generators seeded per epoch and rank) give the same views
-bit for bit. DALI seeds its pipeline at the epoch it is built and FFCV keeps
-one colour generator for the whole run, so after a resume they give the same
-images in the same order with fresh (equally distributed) augmentations.
+seeds), torch and FFCV (crops and colour drawn from seeds of epoch and rank)
+give the same views bit for bit. DALI seeds its pipeline at the epoch it is
+built, so after a resume it gives the same images in the same order with fresh
+(equally distributed) augmentations.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch import Tensor
 from pipelines.ffcv_convert import TOMBSTONE_LABEL, build_parser, main, require_ffcv
 from pipelines.sources import DataError, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
-from pipelines.torch_aug import TorchTwoViewAugment
+from pipelines.torch_aug import TorchTwoViewAugment, epoch_seeds
 
 __all__ = ["FfcvTwoViewLoader", "build_parser", "main"]
 
@@ -100,7 +100,7 @@ class FfcvTwoViewLoader:
             raise ValueError(f"num_workers={num_workers} exceeds numba's {numba.config.NUMBA_NUM_THREADS} threads "
                              f"(one per CPU; raise NUMBA_NUM_THREADS or use fewer workers)")
         self.path = Path(beton_path).expanduser().resolve()
-        self.spec, self.batch_size, self.seed = spec, batch_size, seed
+        self.spec, self.batch_size, self.seed, self.rank = spec, batch_size, seed, rank
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         reader = _open_beton(self.path)
@@ -131,8 +131,9 @@ class FfcvTwoViewLoader:
                                                                  seed, batch_size)
             self._loader.first_traversal_order = self._loader.next_traversal_order()
         self._augment = TorchTwoViewAugment(spec, self.device, self.dtype)
-        # Colour randomness: one generator per rank, consumed in batch order, so runs with a seed repeat.
-        self._generator = torch.Generator(self.device).manual_seed(seed * 1_000_003 + rank)
+        # Colour randomness: one generator, seeded per (seed, epoch, rank) as the torch backend's and consumed in
+        # batch order, so an epoch's views are the same whenever it is read (a resumed run repeats them).
+        self._generator = torch.Generator(self.device)
         self._epoch = 0
         self._active = None
 
@@ -236,6 +237,7 @@ class FfcvTwoViewLoader:
         """One epoch of (view1, view2, labels) on the device; each call starts the next epoch."""
         on_cuda = self.device.type == "cuda"
         copied = None
+        self._generator.manual_seed(epoch_seeds(self.seed, self._epoch, self.rank)[1])
         batches = self.raw_batches()
         while True:
             if copied is not None:

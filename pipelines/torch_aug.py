@@ -29,6 +29,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -342,6 +343,16 @@ def to_unit_float(images: Tensor) -> Tensor:
     if images.is_floating_point():
         return images.to(torch.float32)
     raise TypeError(f"images are {images.dtype}: pass uint8 in [0, 255] or float in [0, 1]")
+
+
+def epoch_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
+    """Two well-mixed 63-bit seeds per (seed, epoch, rank), for the crop and the colour draws.
+
+    Ranks and epochs draw independent crops; the two streams must differ too, or on the CPU (where both
+    generators are the same engine) the colour draws would replay the crop draws.
+    """
+    crop, colour = np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64) >> np.uint64(1)
+    return int(crop), int(colour)
 
 
 class TorchTwoViewAugment:

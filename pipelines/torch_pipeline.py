@@ -31,7 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from pipelines.decode import decode_rgb, sniff_format
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
-from pipelines.torch_aug import TorchTwoViewAugment, sample_crop_boxes
+from pipelines.torch_aug import TorchTwoViewAugment, epoch_seeds, sample_crop_boxes
 
 # JPEG start-of-frame markers (SOF0..SOF15 minus DHT C4, JPG C8, DAC CC): their header holds the component count.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -135,16 +135,6 @@ def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device
     return out  # type: ignore[return-value]
 
 
-def _seeds_for(seed: int, epoch: int, rank: int) -> tuple[int, int]:
-    """Two well-mixed 63-bit seeds per (seed, epoch, rank), for the crop and the colour draws.
-
-    Ranks and epochs draw independent crops; the two streams must differ too, or on the CPU (where both
-    generators are the same engine) the colour draws would replay the crop draws.
-    """
-    crop, colour = np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64) >> np.uint64(1)
-    return int(crop), int(colour)
-
-
 class TorchImagePipeline:
     """Two augmented views per image of an ImageList, per rank and epoch, on `device`.
 
@@ -210,7 +200,7 @@ class TorchImagePipeline:
         """
         indices = self._indices(epoch)
         chunks = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        crop_seed, colour_seed = _seeds_for(self.seed, epoch, self.rank)
+        crop_seed, colour_seed = epoch_seeds(self.seed, epoch, self.rank)
         box_generator = torch.Generator().manual_seed(crop_seed)
         colour_generator = torch.Generator(device=self.device).manual_seed(colour_seed)
         pending = self._load([self.images.files[i] for i in chunks[0]]) if chunks else []

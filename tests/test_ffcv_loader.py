@@ -143,6 +143,21 @@ def test_same_seed_same_batches_with_any_thread_count(loader: FfcvTwoViewLoader,
     assert all(not np.array_equal(epoch0[k], epoch1[k]) for k in epoch0)
 
 
+def test_a_fresh_loader_gives_an_epoch_the_views_the_running_one_gave(loader: FfcvTwoViewLoader, jpg_set) -> None:
+    # A resumed run builds a new loader and starts at a later epoch: its colour draws must be that epoch's.
+    loader.set_epoch(0)
+    for _ in loader:  # epoch 0
+        pass
+    running = [(v1.clone(), v2.clone(), labels.clone()) for v1, v2, labels in loader]  # epoch 1
+    fresh = FfcvTwoViewLoader(jpg_set[1], SPEC, BATCH, seed=3, device="cpu", num_workers=1)
+    fresh.set_epoch(1)
+    resumed = [(v1.clone(), v2.clone(), labels.clone()) for v1, v2, labels in fresh]
+    fresh.close()
+    assert len(running) == len(resumed) == N_IMAGES // BATCH
+    for ours, theirs in zip(running, resumed):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 def test_views_follow_the_data_contract(loader: FfcvTwoViewLoader) -> None:
     low = [(0 - m) / s for m, s in zip(SPEC.mean, SPEC.std)]
     high = [(1 - m) / s for m, s in zip(SPEC.mean, SPEC.std)]

@@ -16,10 +16,9 @@ from PIL import Image
 from pipelines.decode import CorruptImageError, load_rgb
 from pipelines.sources import DataError, ImageList, read_file_list
 from pipelines.spec import AugmentationSpec, ViewSpec
-from pipelines.torch_aug import sample_crop_boxes
+from pipelines.torch_aug import epoch_seeds, sample_crop_boxes
 from pipelines.torch_pipeline import (
     TorchImagePipeline,
-    _seeds_for,
     decode_to_device,
     jpeg_components,
     read_bytes,
@@ -121,7 +120,7 @@ def test_views_are_torchvision_resized_crops(tree, interpolation, antialias):
     images, _ = tree
     spec = _spec(PLAIN_VIEW, interpolation)
     pipeline = TorchImagePipeline(images, spec, batch_size=6, seed=3, antialias=antialias, num_threads=2)
-    crop_seed, colour_seed = _seeds_for(3, 0, 0)
+    crop_seed, colour_seed = epoch_seeds(3, 0, 0)
     generator = torch.Generator().manual_seed(crop_seed)  # the pipeline's own box stream
     # On the CPU both streams are one engine: equal seeds would make the colour draws replay the crop draws.
     colour = torch.rand(64, generator=torch.Generator().manual_seed(colour_seed))
