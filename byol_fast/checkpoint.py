@@ -163,24 +163,28 @@ class CheckpointManager:
                 handle.flush()
                 os.fsync(handle.fileno())
             if final.exists():
-                self._set_aside(final, "replaced", "it was kept as {aside} and a new checkpoint written in its place")
+                aside = self._set_aside(final, "replaced")
+                warnings.warn(f"{final} already existed; it was kept as {aside} and a new checkpoint written in its "
+                              f"place")
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         for later_step, later in self.checkpoints():
             if later_step > step:
-                self._set_aside(later, "abandoned", f"this run resumed from before it and has now saved step {step}; "
-                                "it was kept as {aside}, out of --resume auto's and pruning's way")
+                aside = self._set_aside(later, "abandoned")
+                warnings.warn(f"{later} already existed; this run resumed from before it and has now saved step "
+                              f"{step}; it was kept as {aside}, out of --resume auto's and pruning's way")
         _fsync_directory(self.directory)
         self._prune(keep=final)
         return final
 
-    def _set_aside(self, path: Path, why: str, what_happened: str) -> None:
-        """Renames a checkpoint out of the name pattern (`<name>.<why>-<time>-<pid>`) instead of deleting it."""
+    def _set_aside(self, path: Path, why: str) -> Path:
+        """Renames a checkpoint out of the name pattern (`<name>.<why>-<time>-<pid>`) instead of deleting it;
+        returns the new name."""
         aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
-        warnings.warn(f"{path} already existed; {what_happened.format(aside=aside)}")
+        return aside
 
     def _prune(self, keep: Path) -> None:
         """Deletes checkpoints beyond the newest `keep_last` by step number, never `keep`."""

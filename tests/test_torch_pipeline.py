@@ -78,9 +78,9 @@ def _collect(pipeline: TorchImagePipeline, epoch: int = 0) -> list[tuple[torch.T
 
 def test_jpeg_components_and_cpu_decode_match_pil(tree, tmp_path):
     images, odd = tree
-    deep = tmp_path / "deep.png"  # 16-bit: torchvision returns uint16, so PIL's 8-bit scaling is used
+    deep = tmp_path / "deep.png"  # 16-bit: PIL reads non-JPEGs, scaling to 8 bits
     Image.fromarray((np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)).save(deep)
-    animated = tmp_path / "animated.jpg"  # a GIF under a JPEG name: torchvision gives all frames, PIL the first
+    animated = tmp_path / "animated.jpg"  # a GIF under a JPEG name: the content decides (PIL, first frame)
     frames = [Image.fromarray(np.full((20, 30, 3), value, np.uint8)) for value in (40, 200)]
     frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
     images = ImageList(images.files + [str(deep), str(animated)], images.labels + [NUM_FILES, NUM_FILES + 1],
