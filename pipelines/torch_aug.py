@@ -14,11 +14,16 @@ works the same once registered with the graph before capture
 unregistered generator during capture. On CPU (and on CUDA outside graphs) a
 seeded generator makes results deterministic.
 
+Both recipes of pipelines/spec.py are implemented exactly (up to float32
+rounding; tests hold every op to pipelines/reference.py): the recipe picks the
+crop-box draw, the resize filter, what brightness, contrast and saturation mean,
+and the blur's border.
+
 Cost of compute-then-select (per view): the blur runs on every sample and is
 kept only where blurred (view 2 blurs 10%); the colour jitter runs its three
-blend ops (brightness, contrast, saturation) in six fixed slots (three before the
-hue shift, three after; a slot not used by a sample blends with ratio 1, an exact
-identity) and the hue shift once on every sample. That is about 2x the
+affine ops (brightness, contrast, saturation) in six fixed slots (three before
+the hue shift, three after; a slot not used by a sample gets its op's identity
+value) and the hue shift once on every sample. That is about 2x the
 arithmetic of a per-sample loop, but all of it is a few dozen fixed-shape
 elementwise kernels with no launch per sample.
 """
@@ -34,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipelines import reference
+from pipelines.reference import LUMA as _LUMA
 from pipelines.spec import AugmentationSpec, ViewSpec
 
-# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses them.
-_LUMA = (0.2989, 0.587, 0.114)
 # Columns of the one rand() draw behind a view's colour parameters (one kernel, not fourteen).
 _FLIP, _JITTER, _FACTORS, _KEYS, _GRAY, _BLUR, _SIGMA, _SOLAR, _NUM_DRAWS = 0, 1, 2, 6, 10, 11, 12, 13, 14
 # How many (area, aspect) draws a crop gets before the central-crop fallback, as in torchvision.
@@ -57,7 +62,8 @@ class ViewParams:
     jittered: Tensor
     """[N] bool: colour jitter applied."""
     jitter_factors: Tensor
-    """[N, 4] float: brightness, contrast, saturation factors and hue shift (used only where jittered)."""
+    """[N, 4] float: brightness (official: a delta; torchvision: a factor), contrast and saturation factors
+    and hue shift (used only where jittered)."""
     jitter_order: Tensor
     """[N, 4] int64: jitter op ids in application order (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
     grayscaled: Tensor
@@ -82,20 +88,41 @@ def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generat
     return torch.rand(shape, device=device, generator=generator, dtype=torch.float32)
 
 
-def sample_crop_boxes(heights: Tensor, widths: Tensor, view: ViewSpec,
-                      generator: torch.Generator | None = None) -> Tensor:
+def sample_crop_boxes(heights: Tensor, widths: Tensor, view: ViewSpec, generator: torch.Generator | None = None,
+                      recipe: str = "official") -> Tensor:
     """Random resized crop boxes, one per image: [N, 4] float (top, left, height, width), integer-valued.
 
-    torchvision's RandomResizedCrop.get_params vectorized: each sample draws
-    CROP_TRIES (area fraction, log aspect) pairs, keeps the first whose rounded
-    box fits (masked argmax), draws its offset uniformly over the valid
-    integer positions, and falls back to torchvision's central crop when no try
-    fits. `heights`/`widths` ([N], any numeric dtype) are each image's size.
+    `heights`/`widths` ([N], any numeric dtype) are each image's size; the
+    recipe picks the algorithm (reference.official_crop_box or
+    reference.torchvision_crop_box, vectorized).
     """
-    device = heights.device
-    _check_generator(generator, device)
-    img_h = heights.to(torch.float32)
-    img_w = widths.to(torch.float32)
+    _check_generator(generator, heights.device)
+    if recipe == "official":
+        return _official_crop_boxes(heights.to(torch.float32), widths.to(torch.float32), view, generator)
+    return _torchvision_crop_boxes(heights.to(torch.float32), widths.to(torch.float32), view, generator)
+
+
+def _official_crop_boxes(img_h: Tensor, img_w: Tensor, view: ViewSpec, generator: torch.Generator | None) -> Tensor:
+    """DeepMind's one-draw crop: area U(scale), log-uniform aspect, sides rounded and clamped to the image."""
+    draws = _rand((img_h.shape[0], 4), img_h.device, generator)
+    lo, hi = view.crop_scale
+    log_lo, log_hi = math.log(view.crop_ratio[0]), math.log(view.crop_ratio[1])
+    area = img_h * img_w * (lo + (hi - lo) * draws[:, 0])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[:, 1])
+    # torch.round rounds half to even, like tf.round; a side stays >= 1 on tiny images.
+    box_w = torch.minimum(torch.round(torch.sqrt(area * aspect)).clamp_(min=1), img_w)
+    box_h = torch.minimum(torch.round(torch.sqrt(area / aspect)).clamp_(min=1), img_h)
+    top = torch.minimum(torch.floor(draws[:, 2] * (img_h - box_h + 1)), img_h - box_h)
+    left = torch.minimum(torch.floor(draws[:, 3] * (img_w - box_w + 1)), img_w - box_w)
+    return torch.stack((top, left, box_h, box_w), dim=1)
+
+
+def _torchvision_crop_boxes(img_h: Tensor, img_w: Tensor, view: ViewSpec,
+                            generator: torch.Generator | None) -> Tensor:
+    """RandomResizedCrop.get_params vectorized: each sample draws CROP_TRIES (area fraction, log aspect)
+    pairs, keeps the first whose rounded box fits (masked argmax), draws its offset uniformly over the valid
+    integer positions, and falls back to torchvision's central crop when no try fits."""
+    device = img_h.device
     n = img_h.shape[0]
     draws = _rand((n, 2 * CROP_TRIES + 2), device, generator)
     lo, hi = view.crop_scale
@@ -123,58 +150,73 @@ def sample_crop_boxes(heights: Tensor, widths: Tensor, view: ViewSpec,
     return torch.stack((top, left, box_h, box_w), dim=1)
 
 
-def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str,
+def _filter(x: Tensor, interpolation: str) -> Tensor:
+    """Keys cubic (a = -0.5, TF's and PIL's bicubic) or the triangle (bilinear), as reference._filter."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return (1 - x).clamp_(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((x - 5) * x + 8) * x * a - 4 * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(starts: Tensor, lengths: Tensor, in_length: int, size: int, interpolation: str,
+                   antialias: bool) -> Tensor:
+    """[N, size, in_length] matrices that resample the window [start, start + length) of an axis to `size`.
+
+    The reference's resampling (reference.resize_weights) per sample: pixel-centre
+    geometry, the filter stretched by the shrink factor when antialiasing, taps
+    outside the window dropped and the rest renormalized (TF's resize of a
+    decoded crop; PIL and torchvision's antialiased resize).
+    """
+    starts, lengths = starts.to(torch.float32), lengths.to(torch.float32)
+    scale = lengths / size
+    stretch = scale.clamp(min=1.0) if antialias else torch.ones_like(scale)
+    outputs = torch.arange(size, device=starts.device, dtype=torch.float32) + 0.5
+    taps = torch.arange(in_length, device=starts.device, dtype=torch.float32) + 0.5
+    centres = starts[:, None] + outputs[None, :] * scale[:, None]  # [N, size]
+    weights = _filter((taps[None, None, :] - centres[:, :, None]) / stretch[:, None, None], interpolation)
+    inside = (taps[None, :] > starts[:, None]) & (taps[None, :] < (starts + lengths)[:, None])  # [N, in_length]
+    weights = weights * inside[:, None, :]
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, antialias: bool = False,
                  flip: Tensor | None = None) -> Tensor:
-    """Crop each image to its box, resize to size x size and optionally mirror it: one grid_sample.
+    """Crop each image to its box, resize to size x size and optionally mirror it: two batched matmuls.
 
     images: [N, C, H, W] float; boxes: [N, 4] (top, left, height, width);
-    flip: [N] bool or None. Geometry matches torchvision's resized_crop with
-    antialias=False (interpolate, align_corners=False): output pixel o samples
-    box coordinate (o + 0.5) * box / size - 0.5. Bilinear clamps that coordinate
-    to the box as interpolate does, so it equals torchvision up to float
-    rounding. Bicubic taps that fall outside the box read the image's real
-    neighbours where torchvision replicates the box edge, so output pixels
-    within ~2 source pixels of an inner box edge differ slightly (bounded in
-    tests/test_torch_aug.py); at the image border both replicate. If `images`
-    is a padded batch, pad by edge replication, not zeros, for bicubic.
-
-    There is no antialias: when a box is much larger than `size`, this aliases
-    where torchvision's default antialias=True low-pass filters first (the
-    official BYOL uses TF's resize, also without antialias). Values are not
-    clamped (bicubic can overshoot [0, 1] slightly).
+    flip: [N] bool or None. The result is the reference's resize of the crop
+    (reference.resize: Keys cubic a=-0.5 or triangle, taps outside the box
+    dropped, antialias as asked) up to float32 rounding, as rows @ image @ cols^T
+    with per-sample resampling matrices; a flip reverses the column matrix.
+    Values are not clamped (bicubic can overshoot [0, 1] slightly).
     """
     if interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"interpolation={interpolation!r}: use 'bilinear' or 'bicubic'")
     if not images.is_floating_point() or images.dim() != 4:
         raise TypeError(f"resized_crop needs float [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}: "
                         f"convert uint8 with images.float() / 255")
-    n, _, height, width = images.shape
-    top, left, box_h, box_w = boxes.to(torch.float32).unbind(dim=1)
-    steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
-    src_x = left[:, None] + steps[None, :] * box_w[:, None] - 0.5
-    src_y = top[:, None] + steps[None, :] * box_h[:, None] - 0.5
-    if interpolation == "bilinear":
-        src_x = torch.maximum(torch.minimum(src_x, (left + box_w - 1)[:, None]), left[:, None])
-        src_y = torch.maximum(torch.minimum(src_y, (top + box_h - 1)[:, None]), top[:, None])
+    top, left, box_h, box_w = boxes.to(device=images.device, dtype=torch.float32).unbind(dim=1)
+    rows = resize_weights(top, box_h, images.shape[-2], size, interpolation, antialias)
+    cols = resize_weights(left, box_w, images.shape[-1], size, interpolation, antialias)
     if flip is not None:
-        src_x = torch.where(flip[:, None], src_x.flip(1), src_x)
-    # Pixel index -> grid_sample's normalized coordinate for align_corners=False.
-    grid_x = (2 * src_x + 1) / width - 1
-    grid_y = (2 * src_y + 1) / height - 1
-    grid = torch.stack((grid_x[:, None, :].expand(n, size, size), grid_y[:, :, None].expand(n, size, size)), dim=-1)
-    return F.grid_sample(images, grid.to(images.dtype), mode=interpolation, padding_mode="border",
-                         align_corners=False)
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    rows, cols = rows.to(images.dtype), cols.to(images.dtype)
+    return torch.matmul(torch.matmul(rows[:, None], images), cols.transpose(1, 2)[:, None])
 
 
 def sample_view_params(n: int, view: ViewSpec, device: torch.device | str,
-                       generator: torch.Generator | None = None) -> ViewParams:
+                       generator: torch.Generator | None = None, recipe: str = "official") -> ViewParams:
     """Draw one view's per-sample flip, jitter, grayscale, blur and solarize parameters (boxes=None)."""
     device = torch.device(device)
     _check_generator(generator, device)
     u = _rand((n, _NUM_DRAWS), device, generator)
-    spans = [(max(0.0, 1 - view.brightness), 1 + view.brightness), (max(0.0, 1 - view.contrast), 1 + view.contrast),
-             (max(0.0, 1 - view.saturation), 1 + view.saturation), (-view.hue, view.hue)]
-    factors = torch.stack([lo + (hi - lo) * u[:, _FACTORS + k] for k, (lo, hi) in enumerate(spans)], dim=1)
+    # reference.jitter_values maps uniforms to values; it is evaluated at 0 and 1 for each op's span.
+    low, high = (reference.jitter_values(np.full(4, edge), view, recipe) for edge in (0.0, 1.0))
+    factors = torch.stack([float(lo) + float(hi - lo) * u[:, _FACTORS + k] for k, (lo, hi) in enumerate(zip(low, high))],
+                          dim=1)
     sig_lo, sig_hi = view.blur_sigma
     return ViewParams(
         flipped=u[:, _FLIP] < view.flip_prob,
@@ -208,21 +250,30 @@ def _horizontal_flip(images: Tensor, flipped: Tensor) -> Tensor:
     return images.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
-def _blend_slot(images: Tensor, ratio: Tensor, op: Tensor) -> Tensor:
-    """One jitter slot: per sample, brightness (op 0), contrast (op 1) or saturation (op 2) by `ratio`.
+def _jitter_slot(images: Tensor, value: Tensor, op: Tensor, recipe: str) -> Tensor:
+    """One jitter slot: per sample, brightness (op 0), contrast (op 1) or saturation (op 2) with `value`.
 
-    All three are torchvision's `_blend(image, other, ratio)` = clamp(ratio * image
-    + (1 - ratio) * other) with other = 0, the mean gray level, or the grayscale
-    image. Written as ratio * image + w_mean + w_gray * gray with per-sample
-    weights, it is three full-size kernels whatever the op; ratio 1 is an exact
-    identity, which is how unused slots pass through.
+    Each is an affine map clamp(a * x + b, 0, 1) with per-sample (or per-pixel) a, b:
+      official     brightness a=1, b=delta; contrast a=f, b=(1-f) * channel mean;
+                   saturation a=r, b=(1-r) * v with v the max channel and r = min(f, v / (v - min)):
+                   HSV saturation s -> min(s f, 1) at fixed hue and value, without the HSV round trip.
+      torchvision  a=f, b=(1-f) * {0, mean gray level, grayscale image} (torchvision's _blend).
+    All three are computed and one is selected per sample, so the kernel count does not depend on
+    the draws; an op's identity value (delta 0, factor 1) is an exact pass-through.
     """
+    v = _per_sample(value)
+    op = _per_sample(op)
+    if recipe == "official":
+        minc, maxc = images.aminmax(dim=1, keepdim=True)
+        ratio = torch.minimum(v, maxc / (maxc - minc).clamp_(min=1e-12))  # grays: any ratio is exact
+        channel_mean = images.mean(dim=(-2, -1), keepdim=True)
+        scale = torch.where(op == 2, ratio, torch.where(op == 1, v, torch.ones_like(v)))
+        shift = torch.where(op == 2, (1 - ratio) * maxc, torch.where(op == 1, (1 - v) * channel_mean, v))
+        return torch.addcmul(shift, images, scale).clamp_(0, 1)
     gray = _gray(images)
-    mean = gray.mean(dim=(-3, -2, -1))
-    other_weight = 1 - ratio
-    w_mean = _per_sample(torch.where(op == 1, other_weight * mean, torch.zeros_like(mean)))
-    w_gray = _per_sample(torch.where(op == 2, other_weight, torch.zeros_like(other_weight)))
-    return torch.addcmul(w_mean, images, _per_sample(ratio)).addcmul_(gray, w_gray).clamp_(0, 1)
+    other = torch.where(op == 2, gray, torch.where(op == 1, gray.mean(dim=(-3, -2, -1), keepdim=True),
+                                                   torch.zeros_like(v)))
+    return torch.addcmul((1 - v) * other, images, v).clamp_(0, 1)
 
 
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
@@ -233,7 +284,7 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     torchvision's piecewise table written without a gather.
     """
     r, g, b = images.unbind(dim=1)
-    maxc, minc = images.aminmax(dim=1)
+    minc, maxc = images.aminmax(dim=1)
     chroma = maxc - minc
     safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)  # gray pixels: hue is irrelevant (C = 0)
     # Hue in sixths of a turn; ties resolve R before G before B, as in torchvision.
@@ -245,35 +296,35 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
 
 
-def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
+def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
     """The four jitter ops in each sample's own order, where jittered.
 
-    Hue is the one op that is not a blend, so it runs once: the blend ops ordered
+    Hue is the one op that is not affine, so it runs once: the affine ops ordered
     before it (by `jitter_order`) go in three slots before, the rest in three
-    slots after; a sample's unused slots have ratio 1.
+    slots after; a sample's unused slots get the op's identity value.
     """
     rank = params.jitter_order.argsort(dim=1)  # rank[:, op] = position of op in the order
     hue_position = rank[:, 3]
-    blend_order = rank[:, :3].argsort(dim=1)  # brightness/contrast/saturation ids, in application order
-    ones = torch.ones_like(params.jitter_factors[:, 0])
+    affine_order = rank[:, :3].argsort(dim=1)  # brightness/contrast/saturation ids, in application order
     x = images
     for before_hue in (True, False):
         for slot in range(3):
-            op = blend_order[:, slot]
+            op = affine_order[:, slot]
             in_phase = (slot < hue_position) if before_hue else (slot >= hue_position)
-            ratio = torch.where(params.jittered & in_phase, params.jitter_factors.gather(1, op[:, None]).squeeze(1), ones)
-            x = _blend_slot(x, ratio, op)
+            identity = (op != 0).float() if recipe == "official" else torch.ones_like(params.jitter_factors[:, 0])
+            drawn = params.jitter_factors.gather(1, op[:, None]).squeeze(1)
+            x = _jitter_slot(x, torch.where(params.jittered & in_phase, drawn, identity), op, recipe)
         if before_hue:
             x = torch.where(_per_sample(params.jittered), _shift_hue(x, params.jitter_factors[:, 3]), x)
     return x
 
 
-def _gaussian_blur(images: Tensor, sigmas: Tensor, kernel_size: int) -> Tensor:
-    """Separable Gaussian blur, one sigma per sample, reflect padding: torchvision's gaussian_blur per sample.
+def _gaussian_blur(images: Tensor, sigmas: Tensor, kernel_size: int, recipe: str) -> Tensor:
+    """Separable Gaussian blur, one sigma per sample; zero borders (official) or reflected (torchvision).
 
-    Kernel taps as torchvision: softmax(-(x / sigma)^2) over x = linspace(-lim, lim),
-    lim = (k - 1) / (2 sqrt 2), i.e. exp(-d^2 / (2 sigma^2)) normalized. The batch
-    is folded into channels so one grouped conv per axis blurs every sample.
+    Kernel taps as both recipes: softmax(-(x / sigma)^2) over x = linspace(-lim, lim),
+    lim = (k - 1) / (2 sqrt 2), i.e. exp(-d^2 / (2 sigma^2)) at integer offsets d, normalized.
+    The batch is folded into channels so one grouped conv per axis blurs every sample.
     """
     n, c, h, w = images.shape
     pad = kernel_size // 2
@@ -281,19 +332,20 @@ def _gaussian_blur(images: Tensor, sigmas: Tensor, kernel_size: int) -> Tensor:
     taps = torch.linspace(-lim, lim, kernel_size, device=images.device, dtype=images.dtype)
     kernels = torch.softmax(taps[None, :].div(sigmas[:, None].to(images.dtype)).pow(2).neg(), dim=1)
     kernels = kernels.repeat_interleave(c, dim=0)  # [N * C, k]
-    x = F.pad(images, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
+    mode = "constant" if recipe == "official" else "reflect"
+    x = F.pad(images, (pad, pad, pad, pad), mode=mode).reshape(1, n * c, h + 2 * pad, w + 2 * pad)
     x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
     x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
     return x.view(n, c, h, w)
 
 
 def apply_view_params(images: Tensor, params: ViewParams, kernel_size: int, solarize_threshold: float,
-                      flip: bool = True) -> Tensor:
+                      flip: bool = True, recipe: str = "official") -> Tensor:
     """Apply drawn parameters to [N, 3, S, S] float images in [0, 1]: the colour half of a view.
 
-    Order (torchvision's BYOL pipeline): flip (skipped with flip=False when the
-    crop already mirrored), colour jitter, grayscale, blur, solarize. Jitter
-    clamps to [0, 1] after each op as torchvision does; the others keep [0, 1].
+    Order (both recipes): flip (skipped with flip=False when the crop already
+    mirrored), colour jitter, grayscale, blur, solarize. Jitter clamps to
+    [0, 1] after each op as both recipes do; the others keep [0, 1].
     """
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise TypeError(f"expected float [N, 3, H, W] images in [0, 1], got {images.dtype} {tuple(images.shape)}")
@@ -301,20 +353,21 @@ def apply_view_params(images: Tensor, params: ViewParams, kernel_size: int, sola
         raise ValueError(f"kernel_size={kernel_size} must be odd and its half smaller than the image side "
                          f"{min(images.shape[-2:])}: use spec.blur_kernel_size")
     x = _horizontal_flip(images, params.flipped) if flip else images
-    x = _color_jitter(x, params)
+    x = _color_jitter(x, params, recipe)
     x = torch.where(_per_sample(params.grayscaled), _gray(x).expand_as(x), x)
-    x = torch.where(_per_sample(params.blurred), _gaussian_blur(x, params.sigmas, kernel_size), x)
+    x = torch.where(_per_sample(params.blurred), _gaussian_blur(x, params.sigmas, kernel_size, recipe), x)
     return torch.where(_per_sample(params.solarized) & (x >= solarize_threshold), 1 - x, x)
 
 
 def apply_view(images: Tensor, view: ViewSpec, kernel_size: int, generator: torch.Generator | None = None,
-               *, flip: bool = True, return_params: bool = False) -> Tensor | tuple[Tensor, ViewParams]:
+               *, flip: bool = True, recipe: str = "official",
+               return_params: bool = False) -> Tensor | tuple[Tensor, ViewParams]:
     """Draw a view's random parameters per sample and apply them to [N, 3, S, S] float images in [0, 1].
 
     Returns the augmented images, or (images, ViewParams) with return_params=True.
     """
-    params = sample_view_params(images.shape[0], view, images.device, generator)
-    out = apply_view_params(images, params, kernel_size, view.solarize_threshold, flip=flip)
+    params = sample_view_params(images.shape[0], view, images.device, generator, recipe)
+    out = apply_view_params(images, params, kernel_size, view.solarize_threshold, flip=flip, recipe=recipe)
     return (out, params) if return_params else out
 
 
@@ -383,13 +436,14 @@ class TorchTwoViewAugment:
 
     def _finish(self, x: Tensor, view_index: int, generator: torch.Generator | None, flip: bool,
                 boxes: Tensor | None, out: Tensor | None) -> tuple[Tensor, ViewParams]:
-        view = self.spec.views[view_index]
-        params = sample_view_params(x.shape[0], view, x.device, generator)
+        view, recipe = self.spec.views[view_index], self.spec.recipe
+        params = sample_view_params(x.shape[0], view, x.device, generator, recipe)
         if boxes is not None:
             params = dataclasses.replace(params, boxes=boxes)
-            # Crop and flip in one resample; bicubic overshoot is clamped as torchvision's uint8 path does.
-            x = resized_crop(x, boxes, self.spec.image_size, self.spec.interpolation, params.flipped).clamp_(0, 1)
-        x = apply_view_params(x, params, self.kernel_size, view.solarize_threshold, flip=flip)
+            # Crop and flip in one resample; bicubic overshoot is clipped as both recipes do.
+            x = resized_crop(x, boxes, self.spec.image_size, self.spec.interpolation, self.spec.antialias,
+                             params.flipped).clamp_(0, 1)
+        x = apply_view_params(x, params, self.kernel_size, view.solarize_threshold, flip=flip, recipe=recipe)
         return normalize(x, self._mean, self._std, self.dtype, out=out), params
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None, *,
@@ -406,7 +460,7 @@ class TorchTwoViewAugment:
         widths = torch.full((n,), float(width), device=x.device)
         views, params = [], []
         for index, view in enumerate(self.spec.views):
-            boxes = sample_crop_boxes(heights, widths, view, generator)
+            boxes = sample_crop_boxes(heights, widths, view, generator, self.spec.recipe)
             made, drawn = self._finish(x, index, generator, False, boxes, None if out is None else out[index])
             views.append(made)
             params.append(drawn)

@@ -4,9 +4,9 @@ Per batch: worker threads read the file bytes (and, on CPU, decode them) one
 batch ahead; on CUDA the JPEGs are decoded together by nvjpeg
 (`torchvision.io.decode_jpeg(..., device="cuda")`). Each image is cropped twice
 on its device with boxes from `torch_aug.sample_crop_boxes` (drawn on the host,
-so slicing needs no sync) and each crop is resized to S x S with
-`F.interpolate` (torchvision's resized_crop geometry exactly, antialias
-optional). The batched colour stage (`TorchTwoViewAugment.colour`: flip, jitter,
+so slicing needs no sync) and each crop is resized to S x S by two matmuls
+with `torch_aug.resize_weights` matrices (the recipe's resampling:
+reference.resize up to float32 rounding). The batched colour stage (`TorchTwoViewAugment.colour`: flip, jitter,
 grayscale, blur, solarize, normalize) then writes each view, optionally straight
 into the caller's static buffers.
 
@@ -24,15 +24,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from pipelines.decode import decode_rgb, sniff_format
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
-from pipelines.torch_aug import TorchTwoViewAugment, epoch_seeds, sample_crop_boxes
+from pipelines.torch_aug import TorchTwoViewAugment, epoch_seeds, resize_weights, sample_crop_boxes
 
+# Crops whose resampling matrices are built together: [2 * 64, S, longest side] floats, ~57 MB at S = 224
+# and 500-px sides, built in a few kernels instead of ~60 per crop.
+_WEIGHT_CHUNK = 64
 # JPEG start-of-frame markers (SOF0..SOF15 minus DHT C4, JPG C8, DAC CC): their header holds the component count.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -149,13 +151,13 @@ class TorchImagePipeline:
     def __init__(self, images: ImageList, spec: AugmentationSpec, batch_size: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 antialias: bool = False, num_threads: int = 4) -> None:
+                 num_threads: int = 4) -> None:
         if batch_size < 1 or num_threads < 1:
             raise ValueError(f"batch_size={batch_size} and num_threads={num_threads} must be >= 1")
         self.images, self.spec, self.batch_size = images, spec, batch_size
         self.device = torch.device(device)
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle, self.drop_last, self.antialias = shuffle, drop_last, antialias
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch = 0
         # Fail now, not at the first batch, when there are too few images for a full batch per rank.
         self._indices(0)
@@ -223,21 +225,37 @@ class TorchImagePipeline:
         """Two random resized crops of every image, [B, 3, S, S] float in [0, 1] each.
 
         Boxes are drawn on the host (image sizes are known there), so slicing
-        is plain indexing; F.interpolate with align_corners=False is exactly
-        torchvision's resize geometry.
+        is plain indexing. The resampling matrices of all crops are built in a
+        few batched kernels (torch_aug.resize_weights, in chunks so that
+        padding to the longest side stays small), then each crop is two matmuls
+        written into the batch: two kernels per crop, as one interpolate and
+        one copy were before.
         """
-        size = self.spec.image_size
+        spec, batch = self.spec, len(decoded)
         heights = torch.tensor([image.shape[-2] for image in decoded])
         widths = torch.tensor([image.shape[-1] for image in decoded])
-        boxes = [sample_crop_boxes(heights, widths, view, generator).int().tolist() for view in self.spec.views]
-        crops = torch.empty(2, len(decoded), 3, size, size, device=self.device)
-        for i, image in enumerate(decoded):
-            unit = image.to(torch.float32).mul_(1.0 / 255).unsqueeze(0)
+        boxes = [sample_crop_boxes(heights, widths, view, generator, spec.recipe).int() for view in spec.views]
+        crops = torch.empty(2, batch, 3, spec.image_size, spec.image_size, device=self.device)
+        units = [image.to(torch.float32).mul_(1.0 / 255) for image in decoded]
+        for first in range(0, batch, _WEIGHT_CHUNK):
+            chunk = [box[first:first + _WEIGHT_CHUNK] for box in boxes]
+            sides = torch.cat(chunk)[:, 2:]  # [2 * chunk, 2] (h, w): view 1's crops, then view 2's
+            rows, cols = (self._weights(sides[:, axis]) for axis in (0, 1))
+            count = len(chunk[0])
             for v in (0, 1):
-                top, left, h, w = boxes[v][i]
-                crops[v, i] = F.interpolate(unit[..., top:top + h, left:left + w], size=(size, size),
-                                            mode=self.spec.interpolation, align_corners=False,
-                                            antialias=self.antialias)[0]
-        # Bicubic overshoots [0, 1]; torchvision's uint8 path clamps it the same way.
+                for j, (top, left, h, w) in enumerate(chunk[v].tolist()):
+                    k = v * count + j
+                    window = units[first + j][:, top:top + h, left:left + w]
+                    torch.matmul(torch.matmul(rows[k, :, :h], window), cols[k, :, :w].T, out=crops[v, first + j])
+        # Bicubic overshoots [0, 1]; both recipes clip it.
         crops.clamp_(0, 1)
         return crops[0], crops[1]
+
+    def _weights(self, lengths: Tensor) -> Tensor:
+        """[N, S, max length] resampling matrices of windows of these lengths, on the device (no host sync)."""
+        longest = int(lengths.max())
+        lengths = lengths.to(torch.float32)
+        if self.device.type == "cuda":
+            lengths = lengths.pin_memory().to(self.device, non_blocking=True)
+        return resize_weights(torch.zeros_like(lengths), lengths, longest, self.spec.image_size,
+                              self.spec.interpolation, self.spec.antialias)

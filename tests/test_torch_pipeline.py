@@ -13,6 +13,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from pipelines import reference
 from pipelines.decode import CorruptImageError, load_rgb
 from pipelines.sources import DataError, ImageList, read_file_list
 from pipelines.spec import AugmentationSpec, ViewSpec
@@ -66,10 +67,10 @@ def tree(tmp_path_factory) -> tuple[ImageList, dict[str, Path]]:
     return read_file_list(root / "list.txt"), odd
 
 
-def _spec(view: ViewSpec | None = None, interpolation: str = "bicubic") -> AugmentationSpec:
+def _spec(view: ViewSpec | None = None, interpolation: str = "bicubic", recipe: str = "official") -> AugmentationSpec:
     if view is None:
-        return AugmentationSpec(image_size=SIZE, interpolation=interpolation)
-    return AugmentationSpec(image_size=SIZE, view1=view, view2=view, interpolation=interpolation)
+        return AugmentationSpec(image_size=SIZE, interpolation=interpolation, recipe=recipe)
+    return AugmentationSpec(image_size=SIZE, view1=view, view2=view, interpolation=interpolation, recipe=recipe)
 
 
 def _collect(pipeline: TorchImagePipeline, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -114,12 +115,14 @@ def test_contract_labels_and_length(tree):
     pipeline.close()
 
 
-@pytest.mark.parametrize("interpolation,antialias", [("bicubic", False), ("bilinear", True)])
-def test_views_are_torchvision_resized_crops(tree, interpolation, antialias):
-    """With colour off, each view equals torchvision's resized_crop at the box the pipeline drew."""
+@pytest.mark.parametrize("interpolation,recipe", [("bicubic", "official"), ("bilinear", "official"),
+                                                   ("bicubic", "torchvision"), ("bilinear", "torchvision")])
+def test_views_are_the_recipes_resized_crops(tree, interpolation, recipe):
+    """With colour off, each view is the recipe's crop of the decoded image at the box the pipeline drew:
+    reference.resize (TF's, no antialias) for official, torchvision's antialiased resized_crop otherwise."""
     images, _ = tree
-    spec = _spec(PLAIN_VIEW, interpolation)
-    pipeline = TorchImagePipeline(images, spec, batch_size=6, seed=3, antialias=antialias, num_threads=2)
+    spec = _spec(PLAIN_VIEW, interpolation, recipe)
+    pipeline = TorchImagePipeline(images, spec, batch_size=6, seed=3, num_threads=2)
     crop_seed, colour_seed = epoch_seeds(3, 0, 0)
     generator = torch.Generator().manual_seed(crop_seed)  # the pipeline's own box stream
     # On the CPU both streams are one engine: equal seeds would make the colour draws replay the crop draws.
@@ -131,10 +134,15 @@ def test_views_are_torchvision_resized_crops(tree, interpolation, antialias):
         heights = torch.tensor([d.shape[1] for d in decoded])
         widths = torch.tensor([d.shape[2] for d in decoded])
         for view, view_spec in zip((view1, view2), spec.views):
-            boxes = sample_crop_boxes(heights, widths, view_spec, generator).int().tolist()
+            boxes = sample_crop_boxes(heights, widths, view_spec, generator, recipe).int().tolist()
             for i, (top, left, h, w) in enumerate(boxes):
-                crop = TF.resized_crop(TF.to_dtype(decoded[i], torch.float32, scale=True), top, left, h, w,
-                                       [SIZE, SIZE], interpolation=mode, antialias=antialias).clamp(0, 1)
+                unit = TF.to_dtype(decoded[i], torch.float32, scale=True)
+                if recipe == "official":
+                    window = unit[:, top:top + h, left:left + w].double().numpy()
+                    crop = torch.from_numpy(reference.resize(window, SIZE, interpolation, antialias=False)).float()
+                else:
+                    crop = TF.resized_crop(unit, top, left, h, w, [SIZE, SIZE], interpolation=mode,
+                                           antialias=True).clamp(0, 1)
                 want = TF.normalize(crop, list(spec.mean), list(spec.std))
                 torch.testing.assert_close(view[i], want, atol=4e-2, rtol=0)  # CMYK may differ by 2 levels
                 assert (view[i] - want).abs().mean() < 1e-3
