@@ -1,13 +1,18 @@
-"""The per-sample CPU baseline: PIL decode + torchvision.transforms.v2 in DataLoader workers.
+"""The per-sample CPU baseline: PIL decode + per-image augmentation in DataLoader workers.
 
-This is the pipeline most BYOL repositories use, kept as the reference the
-fast backends are measured against. Each sample: `decode.load_rgb` -> random
-resized crop (the spec's interpolation) -> flip -> colour jitter (p) ->
-grayscale (p) -> to float [0, 1] -> Gaussian blur (p) -> solarize (p) ->
-normalize; every number comes from the AugmentationSpec, in the spec's
-order. Jitter and grayscale act on the PIL image as in the common BYOL
-repositories; blur and solarize on float [0, 1] tensors, so the solarize
-threshold is the spec's value, as in the official float pipeline.
+Each sample is decoded with `decode.load_rgb`, then made into two views by
+the spec's recipe:
+
+- "torchvision": torchvision.transforms.v2, the pipeline most PyTorch BYOL
+  repositories use. Random resized crop (the spec's interpolation,
+  antialiased) -> flip -> colour jitter (p) -> grayscale (p) -> to float
+  [0, 1] -> Gaussian blur (p) -> solarize (p) -> normalize. Jitter and
+  grayscale act on the PIL image (8-bit between ops) as in those
+  repositories; blur and solarize on float [0, 1] tensors.
+- "official": torchvision has no TF-semantics ops (additive brightness,
+  per-channel contrast, HSV saturation, one-draw crop), so this recipe runs
+  the torch backend's batched ops (`torch_aug.TorchTwoViewAugment`, float32)
+  on one image at a time: the same definitions as the fast backends.
 
 Randomness: every sample forks torch's CPU generator with a seed drawn from
 (seed, epoch, image index), so a run repeats exactly for any number of workers
@@ -37,6 +42,7 @@ from pipelines.decode import load_rgb
 from pipelines.device import concrete_device
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec, ViewSpec
+from pipelines.torch_aug import TorchTwoViewAugment
 
 
 def build_view_transform(spec: AugmentationSpec, view: ViewSpec) -> v2.Compose:
@@ -95,7 +101,10 @@ class TwoViewDataset(Dataset):
         if not isinstance(spec, AugmentationSpec):
             raise TypeError(f"spec must be an AugmentationSpec, got {type(spec).__name__}")
         self.images, self.spec, self.seed = images, spec, seed
-        self.view_transforms = tuple(build_view_transform(spec, view) for view in spec.views)
+        if spec.recipe == "torchvision":
+            self.view_transforms = tuple(build_view_transform(spec, view) for view in spec.views)
+        else:
+            self.augment = TorchTwoViewAugment(spec)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,8 +119,15 @@ class TwoViewDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue CUDA seeding (a stack trace each call).
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            view1, view2 = (transform(image) for transform in self.view_transforms)
-        return view1.as_subclass(Tensor), view2.as_subclass(Tensor), self.images.labels[index]
+            view1, view2 = self._views(image)
+        return view1, view2, self.images.labels[index]
+
+    def _views(self, image) -> tuple[Tensor, Tensor]:
+        """Both (3, S, S) float32 normalized views of a PIL image, drawing from torch's default generator."""
+        if self.spec.recipe == "torchvision":
+            return tuple(transform(image).as_subclass(Tensor) for transform in self.view_transforms)
+        batch = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+        return tuple(view[0] for view in self.augment(batch))
 
 
 class _ShardSampler(Sampler):

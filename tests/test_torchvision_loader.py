@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from pipelines import reference
 from pipelines.decode import CorruptImageError
 from pipelines.sources import ImageList, read_file_list, shard_indices
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, AugmentationSpec, ViewSpec
 from pipelines.torchvision_loader import build_torchvision_loader, build_view_transform
 
 SPEC = AugmentationSpec(image_size=32)
+TV_SPEC = SPEC.replace(recipe="torchvision")  # the transforms.v2 pipeline
 SIZES = ((64, 48), (48, 64), (80, 40), (56, 56))  # (width, height): landscape, portrait, wide, square
 
 
@@ -73,15 +75,22 @@ def test_contract_shape_dtype_layout_and_range(images: ImageList) -> None:
     torch.testing.assert_close(view1.float(), batches[0][0], atol=0.02, rtol=0.01)
 
 
-def test_numerics_against_fp64_reference(images: ImageList) -> None:
+@pytest.mark.parametrize("recipe", ["official", "torchvision"])
+def test_numerics_against_fp64_reference(images: ImageList, recipe: str) -> None:
     # With the crop fixed to the whole square image and every colour op off, a view is exactly
     # normalize(resize_bicubic(image)); with solarize p=1 it is solarized on the [0, 1] scale first.
+    # The resize is PIL's antialiased bicubic (torchvision) or TF's, without antialias (official).
     fixed = ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, color_jitter_prob=0.0,
                      grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
-    spec = AugmentationSpec(image_size=32, view1=fixed, view2=ViewSpec(**{**fixed.__dict__, "solarize_prob": 1.0}))
+    spec = AugmentationSpec(image_size=32, view1=fixed, view2=ViewSpec(**{**fixed.__dict__, "solarize_prob": 1.0}),
+                            recipe=recipe)
     square = images.files[3]  # 56x56
     pil = Image.open(square).convert("RGB")
-    unit = np.asarray(pil.resize((32, 32), Image.BICUBIC), dtype=np.float64) / 255
+    if recipe == "torchvision":
+        unit = np.asarray(pil.resize((32, 32), Image.BICUBIC), dtype=np.float64) / 255
+    else:
+        whole = np.asarray(pil, dtype=np.float64).transpose(2, 0, 1) / 255
+        unit = reference.resize(whole, 32, "bicubic", antialias=False).transpose(1, 2, 0)
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     expected1 = ((unit - mean) / std).transpose(2, 0, 1)
     expected2 = ((np.where(unit >= 0.5, 1 - unit, unit) - mean) / std).transpose(2, 0, 1)
@@ -154,7 +163,22 @@ def test_argument_validation(images: ImageList) -> None:
     view1, view2, _ = next(loader.batches(0, out=buffers))
     assert view1 is buffers[0] and view2 is buffers[1]
     torch.testing.assert_close(view1, next(loader.batches(0))[0])
-    assert len(build_view_transform(SPEC, SPEC.view1).transforms) == 8  # view 1 has no solarize op (p = 0)
+    assert len(build_view_transform(TV_SPEC, TV_SPEC.view1).transforms) == 8  # view 1 has no solarize op (p = 0)
+
+
+def test_official_views_are_the_torch_backends_ops_per_image(images: ImageList) -> None:
+    """The official recipe runs TorchTwoViewAugment on each image, seeded per (seed, epoch, index)."""
+    from pipelines.decode import load_rgb
+    from pipelines.torch_aug import TorchTwoViewAugment
+    from pipelines.torchvision_loader import sample_seed
+
+    view1, view2, labels = next(build_torchvision_loader(images, SPEC, batch_size=4, workers=0, seed=5).batches(2))
+    augment = TorchTwoViewAugment(SPEC)
+    for i, index in enumerate(labels.tolist()):
+        pixels = torch.from_numpy(np.array(load_rgb(images.files[index]))).permute(2, 0, 1).unsqueeze(0)
+        generator = torch.Generator().manual_seed(sample_seed(5, 2, index))
+        want1, want2 = augment(pixels, generator)
+        assert torch.equal(view1[i], want1[0]) and torch.equal(view2[i], want2[0])
 
 
 # ---- Measured statistics: every random op of the real loader is observed through its own make_params. ----
@@ -227,7 +251,8 @@ def _reference_crops(sizes: np.ndarray, view: ViewSpec, rng: np.random.Generator
 
 
 def test_measured_op_rates_and_parameter_distributions(images: ImageList) -> None:
-    loader = build_torchvision_loader(images, SPEC, batch_size=48, workers=0, seed=11)
+    """The torchvision recipe's transforms.v2 ops (the official recipe's are torch_aug's, tested there)."""
+    loader = build_torchvision_loader(images, TV_SPEC, batch_size=48, workers=0, seed=11)
     recorder = _Recorder()
     recorder.instrument(loader)
     epochs = 32  # 32 x 48 = 1536 samples, two views each: 5 sd of a p=0.5 rate is 0.064
@@ -235,7 +260,7 @@ def test_measured_op_rates_and_parameter_distributions(images: ImageList) -> Non
         for _ in loader.batches(epoch):
             pass
     n = epochs * 48
-    for view, spec_view in enumerate(SPEC.views):
+    for view, spec_view in enumerate(TV_SPEC.views):
         assert len(recorder.params[f"{view}:crop"]) == n
         for op, p in (("flip", spec_view.flip_prob), ("jitter", spec_view.color_jitter_prob),
                       ("gray", spec_view.grayscale_prob), ("blur", spec_view.blur_prob),
@@ -248,7 +273,7 @@ def test_measured_op_rates_and_parameter_distributions(images: ImageList) -> Non
 
     # Crop geometry against a float64 re-implementation of the sampler, image sizes matched.
     rng = np.random.default_rng(0)
-    for view, spec_view in enumerate(SPEC.views):
+    for view, spec_view in enumerate(TV_SPEC.views):
         crops = recorder.params[f"{view}:crop"]
         sizes = np.array([c["image_size"] for c in crops])
         w, h = np.array([c["width"] for c in crops]), np.array([c["height"] for c in crops])
@@ -266,7 +291,7 @@ def test_measured_op_rates_and_parameter_distributions(images: ImageList) -> Non
         ecdf = np.arange(1, len(values) + 1) / len(values)
         return float(np.abs(ecdf - (values - lo) / (hi - lo)).max())
 
-    view = SPEC.view1
+    view = TV_SPEC.view1
     jitter = recorder.params["0:jitter"] + recorder.params["1:jitter"]
     for name, (lo, hi) in (("brightness_factor", (1 - view.brightness, 1 + view.brightness)),
                            ("contrast_factor", (1 - view.contrast, 1 + view.contrast)),
