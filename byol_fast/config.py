@@ -4,7 +4,10 @@ Resolution order (later wins): the dataclass defaults (the official 1000-epoch
 BYOL recipe) -> a preset from `byol_fast/presets/<name>.toml` -> a user TOML file
 (`--config FILE`) -> command-line flags and `--set key=value`. Every key is a
 field name of `TrainConfig`; an unknown preset or key is an error that lists the
-valid ones. `TrainConfig.validate(world_size, device)` checks everything that
+valid ones. The one table, `[views]`, holds the augmentation recipe
+(`views.recipe`, `views.crop_scale`, `views.view2.solarize_prob`, ...: see
+VIEW_KEYS); later sources change single keys of it, and `--set` reaches them
+by their dotted names. `TrainConfig.validate(world_size, device)` checks everything that
 can be checked before a model is built, so an impossible run fails in a second
 with a message that names the fix.
 """
@@ -18,7 +21,7 @@ import inspect
 import sys
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,14 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from byol_fast.model import TORCHVISION_ENCODERS
+from pipelines.spec import AugmentationSpec, ViewSpec
 
 PRESET_DIR = Path(__file__).with_name("presets")
+VIEW_PAIRS = ("crop_scale", "crop_ratio", "blur_sigma")
+"""[views] keys that are (min, max) ranges; every other ViewSpec field is a number."""
+SPEC_KEYS = ("recipe", "interpolation")
+"""[views] keys for the whole spec (the view size is image_size); ViewSpec fields apply to both views,
+or to one under [views.view1] / [views.view2]."""
 BACKENDS = ("auto", "torchvision", "torch", "dali", "ffcv", "views")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -123,6 +132,12 @@ class TrainConfig:
     """Synthetic images written to the sibling /val folder alongside `synthetic_images`."""
     peak_tflops: float | None = None
     """Peak bf16 TFLOP/s of one device for MFU; None measures a matmul once at start-up on CUDA."""
+    views: dict[str, Any] = field(default_factory=dict)
+    """The [views] table: `recipe` ("official" or "torchvision"), `interpolation`, and any view setting
+    (crop_scale, crop_ratio, flip_prob, color_jitter_prob, brightness, contrast, saturation, hue,
+    grayscale_prob, blur_prob, blur_sigma, solarize_prob, solarize_threshold) for both views, or under
+    view1 / view2 for one. Empty: the official BYOL views (pipelines/spec.py). On the command line:
+    --set views.crop_scale=0.2,1.0 --set views.view2.solarize_prob=0.1."""
 
     def validate(self, world_size: int = 1, device: str | None = None) -> None:
         """Raise ValueError naming the fix for any impossible setting; cheap, runs before any heavy work.
@@ -142,6 +157,7 @@ class TrainConfig:
         _check_positive(self, "knn_bank_images")
         if self.image_size < 32:
             raise ValueError(f"image_size={self.image_size} is too small for a ResNet: use at least 32")
+        self.augmentation_spec()
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}: "
                              f"lower --warmup-epochs or raise --epochs")
@@ -219,6 +235,28 @@ class TrainConfig:
 
     # ---- derived values -------------------------------------------------------------------------
 
+    def augmentation_spec(self) -> AugmentationSpec:
+        """The views this run trains on: the official recipe at image_size, changed by the [views] table.
+
+        A bad key or value raises ValueError naming `views.<key>` and the fix.
+        """
+        table = dict(self.views)
+        per_view = {name: table.pop(name, {}) for name in ("view1", "view2")}
+        spec_values = {key: table.pop(key) for key in SPEC_KEYS if key in table}
+        _check_view_keys(table, "views")
+        defaults = AugmentationSpec()
+        views = []
+        for name, default in zip(("view1", "view2"), defaults.views):
+            if not isinstance(per_view[name], dict):
+                raise ValueError(f"views.{name}={per_view[name]!r} must be a table of view settings, e.g. "
+                                 f"--set views.{name}.blur_prob=0.5")
+            _check_view_keys(per_view[name], f"views.{name}")
+            changes = {**table, **per_view[name]}
+            where = lambda key: f"views.{name}." if key in per_view[name] else "views."  # noqa: E731
+            views.append(_built(where, lambda: dataclasses.replace(default, **_as_view_values(changes))))
+        return _built(lambda key: "views.", lambda: AugmentationSpec(image_size=self.image_size, view1=views[0],
+                                                                     view2=views[1], **spec_values))
+
     def writes_synthetic(self) -> bool:
         """Whether start-up writes the built-in data (train.ensure_synthetic_data): synthetic_images > 0 and
         `data` is missing or lies in a tree pipelines.synthetic wrote; a folder of the user's is read as it is."""
@@ -262,6 +300,30 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as plain TOML/JSON-able values."""
         return dataclasses.asdict(self)
+
+
+def _check_view_keys(table: dict[str, Any], where: str) -> None:
+    valid = {f.name for f in fields(ViewSpec)}
+    allowed = valid | (set(SPEC_KEYS) | {"view1", "view2"} if where == "views" else set())
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(f'{where}.{k}' for k in unknown)}: valid keys of "
+                         f"[{where}] are {', '.join(sorted(allowed))}")
+
+
+def _as_view_values(table: dict[str, Any]) -> dict[str, Any]:
+    """TOML arrays and --set lists as the tuples ViewSpec holds."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in table.items()}
+
+
+def _built(where, make):
+    """Build a spec; its ValueError ("key=value must ...") gets the setting's dotted name (`where(key)` + key)."""
+    try:
+        return make()
+    except ValueError as error:
+        key = str(error).split("=", 1)[0]
+        raise ValueError(f"{where(key)}{error}: change it in the [views] table or with "
+                         f"--set {where(key)}{key}=VALUE") from error
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -340,8 +402,29 @@ def _means_none(text: str) -> bool:
     return text.strip().lower() in ("none", "null", "")
 
 
+def _parse_view_value(key: str, text: str) -> Any:
+    """A [views] value from the command line: a name, a (min, max) pair as "0.2,1.0", or a number."""
+    name = key.rsplit(".", 1)[-1]
+    if name in SPEC_KEYS:
+        return text.strip()
+    parts = [part.strip() for part in text.strip().strip("[]()").split(",")]
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"{key}={text!r} is not a number: e.g. --set views.blur_prob=0.5 or "
+                         f"--set views.crop_scale=0.2,1.0") from None
+    if name in VIEW_PAIRS:
+        return numbers
+    if len(numbers) != 1:
+        raise ValueError(f"{key}={text!r} must be one number, e.g. --set {key}=0.5")
+    return numbers[0]
+
+
 def parse_value(key: str, text: str) -> Any:
-    """Convert `text` to the type of field `key` ("none" -> None for optional fields)."""
+    """Convert `text` to the type of field `key` ("none" -> None for optional fields); `views.*` keys
+    are typed by the [views] table's rules."""
+    if key.startswith("views."):
+        return _parse_view_value(key, text)
     _check_keys({key: None}, "--set")
     annotation = field_types()[key]
     args = typing.get_args(annotation)
@@ -365,6 +448,11 @@ def _coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
     types_ = field_types()
     out = {}
     for key, value in values.items():
+        if key == "views":
+            if not isinstance(value, dict):
+                raise ValueError(f"views in {origin} must be a table: write [views] and its keys below it")
+            out[key] = value
+            continue
         allowed = typing.get_args(types_[key]) or (types_[key],)
         if type(None) in allowed and isinstance(value, str) and _means_none(value):
             out[key] = None
@@ -382,11 +470,39 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults -> preset -> config file -> overrides (already typed), as one TrainConfig (not validated)."""
     values: dict[str, Any] = {}
+    layers = []
     if preset is not None:
-        values.update(_coerce(load_preset(preset), f"preset {preset!r}"))
+        layers.append(_coerce(load_preset(preset), f"preset {preset!r}"))
     if config_file is not None:
-        values.update(_coerce(read_toml(config_file), str(config_file)))
+        layers.append(_coerce(read_toml(config_file), str(config_file)))
     if overrides:
+        overrides = _nest_dotted(overrides)
         _check_keys(overrides, "the command line")
-        values.update(overrides)
+        layers.append(overrides)
+    for layer in layers:
+        views = _merged_views(values.get("views", {}), layer.get("views", {}))
+        values.update(layer)
+        if views:
+            values["views"] = views
     return TrainConfig(preset=preset, **values)
+
+
+def _nest_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"views.view2.blur_prob": 0.5} -> {"views": {"view2": {"blur_prob": 0.5}}}; other keys as they are."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        table = out
+        for parent in parents:
+            table = table.setdefault(parent, {})
+        table[leaf] = value
+    return out
+
+
+def _merged_views(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """A later [views] table changes single keys (and single keys of view1 / view2), not the whole table."""
+    merged = {**base, **change}
+    for name in ("view1", "view2"):
+        if isinstance(base.get(name), dict) and isinstance(change.get(name), dict):
+            merged[name] = {**base[name], **change[name]}
+    return merged

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import resource
 import signal
 import sys
@@ -55,7 +56,6 @@ from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
 from pipelines.factory import build_train_loader, resolve_backend
 from pipelines.sources import ImageList, scan_image_folder
-from pipelines.spec import AugmentationSpec
 from pipelines.synthetic import make_synthetic, stale_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override any setting by its name (repeatable), e.g. --set base_lr=0.3")
     docs, types_ = field_docs(), field_types()
     for field in fields(TrainConfig):
-        if field.name == "preset":
+        if field.name in ("preset", "views"):  # views: a table, reached with --set views.KEY=VALUE
             continue
         flag = "--" + field.name.replace("_", "-")
         if types_[field.name] in (bool, bool | None):
@@ -234,7 +234,7 @@ class Trainer:
                               device=device, precision=self.precision,
                               channels_last=config.resolved_channels_last(device.type), cuda_graph=self.cuda_graph,
                               compile=config.compile, accumulation_steps=config.accumulation_steps)
-        spec = AugmentationSpec(image_size=config.image_size)
+        spec = config.augmentation_spec()
         self.loader = build_train_loader(config.data_backend, config.data, spec, per_rank_batch, rank=info.rank,
                                          world_size=info.world_size, seed=config.seed, device=device,
                                          dtype=self.step.input_dtype, workers=config.workers, out=self.step.inputs)
@@ -272,7 +272,8 @@ class Trainer:
                 "per_rank_batch": self.global_batch // self.info.world_size, "backend": self.loader.backend,
                 "precision": self.precision, "cuda_graph": self.cuda_graph, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "stop_step": self.stop_step, "peak_lr": self.lr_at.peak_lr,
-                "flops_per_image": self.flops_per_image, "peak_tflops": self.peak_flops and self.peak_flops / 1e12}
+                "flops_per_image": self.flops_per_image, "peak_tflops": self.peak_flops and self.peak_flops / 1e12,
+                "views": dataclasses.asdict(self.config.augmentation_spec())}
 
     # -- checkpoints --
 
