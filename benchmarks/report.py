@@ -155,13 +155,14 @@ def perf_table(documents: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_between_markers(text: str, table: str, path: Path) -> str:
-    """`text` with everything between the perf-table markers replaced by `table`."""
-    start, end = text.find(START), text.find(END)
+def replace_between_markers(text: str, table: str, path: Path, markers: tuple[str, str] = (START, END)) -> str:
+    """`text` with everything between the markers (the perf table's by default) replaced by `table`."""
+    first, last = markers
+    start, end = text.find(first), text.find(last)
     if start < 0 or end < start:
-        raise ValueError(f"{path} has no '{START}' ... '{END}' pair: add the two markers on their own lines "
-                         f"where the performance table belongs, or pass --no-readme")
-    return text[:start + len(START)] + "\n" + table + text[end:]
+        raise ValueError(f"{path} has no '{first}' ... '{last}' pair: add the two markers on their own lines "
+                         f"where the table belongs, or pass --no-readme")
+    return text[:start + len(first)] + "\n" + table + text[end:]
 
 
 def rebuild_pages(documents: list[dict], results_dir: Path) -> list[Path]:
