@@ -253,13 +253,13 @@ def test_cuda_decode_never_gets_memory_that_queued_kernels_still_write(tree):
     images, _ = tree
     files = images.files[:4]
     datas = [read_bytes(f) for f in files]
-    reference = [image.cpu() for image in decode_to_device(datas, files, torch.device("cuda"))]
+    expected = [image.cpu() for image in decode_to_device(datas, files, torch.device("cuda"))]
     for _ in range(3):
-        pending = [torch.empty(image.shape, dtype=torch.uint8, device="cuda") for image in reference]
+        pending = [torch.empty(image.shape, dtype=torch.uint8, device="cuda") for image in expected]
         torch.cuda._sleep(100_000_000)  # some tens of ms of GPU time before the fills below run
         for block in pending:
             block.fill_(7)
         del pending  # freed on our stream while their fills are still queued
         decoded = decode_to_device(datas, files, torch.device("cuda"))
-        for path, got, want in zip(files, decoded, reference):
+        for path, got, want in zip(files, decoded, expected):
             assert torch.equal(got.cpu(), want), path
