@@ -5,10 +5,13 @@ pipeline. Rather than storing every image twice, `TwoViewCropDecoder` decodes
 each JPEG once and emits BOTH random resized crops as a `(2, S, S, 3)` uint8
 array per sample: half the decode work and half the file of the two-field way.
 
-Crops follow torchvision's `RandomResizedCrop` algorithm (ten tries of
-uniform area and log-uniform aspect, then the centre fallback) and resample
-with the same antialiased bicubic/bilinear kernels as torchvision/PIL. The
-random numbers come from a counter-based hash of (seed, epoch, sample, view),
+Crops follow the spec's recipe (pipelines/spec.py; pipelines/reference.py is
+the float64 definition the tests hold them to): "official" draws one box
+(area and log-uniform aspect, sides clamped to the image, as DeepMind's
+dataset.py) and resamples without antialiasing, as TF's resize; "torchvision"
+is RandomResizedCrop (ten tries, then the centre fallback) with PIL's and
+torchvision's antialiased kernels. The recipe is compiled into the decoder.
+The random numbers come from a counter-based hash of (seed, epoch, sample, view),
 not from numba's per-thread generators: a sample's crops are then the same
 whatever thread decodes it, whatever the rank layout and however many workers
 run, and two runs with one seed agree exactly.
@@ -85,26 +88,44 @@ def _uniform(key: np.uint64, counter: int) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
-def sample_crop_box(height: int, width: int, scale_lo: float, scale_hi: float, ratio_lo: float, ratio_hi: float,
-                    seed: int, epoch: int, sample: int, view: int) -> tuple[int, int, int, int]:
-    """(top, left, crop_height, crop_width) as torchvision's RandomResizedCrop.get_params draws it.
+def _box_sides(height: int, width: int, scale_lo: float, scale_hi: float, ratio_lo: float, ratio_hi: float,
+               key: np.uint64, first: int) -> tuple[int, int]:
+    """(h, w) of one try: area U(scale) of the image and log-uniform aspect from draws first, first + 1,
+    rounded half to even (Python's round in torchvision, tf.round in the official code)."""
+    target_area = float(height * width) * (scale_lo + (scale_hi - scale_lo) * _uniform(key, first))
+    log_lo, log_hi = np.log(ratio_lo), np.log(ratio_hi)
+    aspect = np.exp(log_lo + (log_hi - log_lo) * _uniform(key, first + 1))
+    return int(round(np.sqrt(target_area / aspect))), int(round(np.sqrt(target_area * aspect)))
 
-    The random numbers come from the stream of (seed, epoch, sample, view);
-    try t of ten uses its draws 4t .. 4t+3.
+
+@numba.njit(cache=True, nogil=True)
+def _offset(key: np.uint64, counter: int, room: int) -> int:
+    """Uniform integer in [0, room]; min() guards u * (room + 1) rounding up to room + 1."""
+    return min(int(_uniform(key, counter) * (room + 1)), room)
+
+
+@numba.njit(cache=True, nogil=True)
+def sample_crop_box(height: int, width: int, scale_lo: float, scale_hi: float, ratio_lo: float, ratio_hi: float,
+                    official: bool, seed: int, epoch: int, sample: int, view: int) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) of the recipe's random resized crop.
+
+    official: reference.official_crop_box, one try whose sides are clamped to
+    the image (at least 1 pixel); otherwise reference.torchvision_crop_box
+    (RandomResizedCrop.get_params: ten tries, then the centre fallback). The
+    random numbers come from the stream of (seed, epoch, sample, view); try t
+    uses its draws 4t .. 4t+3 (area, aspect, top, left), so the official box
+    is the first try's draws, clamped instead of rejected.
     """
     key = _stream_key(seed, epoch, sample, view)
-    area = float(height * width)
-    log_lo = np.log(ratio_lo)
-    log_hi = np.log(ratio_hi)
+    if official:
+        h, w = _box_sides(height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, key, 0)
+        h = min(max(h, 1), height)
+        w = min(max(w, 1), width)
+        return _offset(key, 2, height - h), _offset(key, 3, width - w), h, w
     for attempt in range(10):
-        target_area = area * (scale_lo + (scale_hi - scale_lo) * _uniform(key, 4 * attempt))
-        aspect = np.exp(log_lo + (log_hi - log_lo) * _uniform(key, 4 * attempt + 1))
-        w = int(round(np.sqrt(target_area * aspect)))
-        h = int(round(np.sqrt(target_area / aspect)))
+        h, w = _box_sides(height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, key, 4 * attempt)
         if 0 < w <= width and 0 < h <= height:
-            top = int(_uniform(key, 4 * attempt + 2) * (height - h + 1))
-            left = int(_uniform(key, 4 * attempt + 3) * (width - w + 1))
-            return top, left, h, w
+            return _offset(key, 4 * attempt + 2, height - h), _offset(key, 4 * attempt + 3, width - w), h, w
     # Fallback: the largest centred crop whose aspect lies in the allowed range.
     in_ratio = width / height
     if in_ratio < ratio_lo:
@@ -123,7 +144,7 @@ def sample_crop_box(height: int, width: int, scale_lo: float, scale_hi: float, r
 def _kernel(x: float, bicubic: bool) -> float:
     x = abs(x)
     if bicubic:
-        # Keys cubic with a = -0.5, the antialiasing kernel of PIL and torchvision.
+        # Keys cubic with a = -0.5: TF's bicubic and PIL's and torchvision's antialiasing kernel.
         if x < 1.0:
             return (1.5 * x - 2.5) * x * x + 1.0
         if x < 2.0:
@@ -133,10 +154,13 @@ def _kernel(x: float, bicubic: bool) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
-def _resample_weights(in_size: int, out_size: int, bicubic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Antialiased 1-D resampling taps: first input index, tap count and normalized weights per output."""
+def _resample_weights(in_size: int, out_size: int, bicubic: bool,
+                      antialias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1-D resampling taps as reference.resize_weights: first input index, tap count and normalized weights
+    per output; taps outside the crop are dropped and the rest renormalized."""
     scale = in_size / out_size
-    stretch = max(scale, 1.0)  # widen the kernel when shrinking, so it averages instead of aliasing
+    # Antialias (torchvision recipe): widen the kernel when shrinking, so it averages instead of aliasing.
+    stretch = max(scale, 1.0) if antialias else 1.0
     support = (2.0 if bicubic else 1.0) * stretch
     max_taps = 2 * int(np.ceil(support)) + 1
     first = np.empty(out_size, np.int64)
@@ -166,8 +190,9 @@ def _to_uint8(value: float) -> np.uint8:
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _combine_rows(src: np.ndarray, first: np.ndarray, count: np.ndarray, weights: np.ndarray,
-                  dst: np.ndarray, acc: np.ndarray) -> None:
-    """dst[o] = uint8(sum_t weights[o, t] * src[first[o] + t]): whole contiguous rows, so it vectorizes."""
+                  dst: np.ndarray, acc: np.ndarray, to_uint8: bool) -> None:
+    """dst[o] = sum_t weights[o, t] * src[first[o] + t], rounded to uint8 if asked: whole contiguous rows,
+    so it vectorizes."""
     n = src.shape[1]
     for o in range(dst.shape[0]):
         acc[:n] = 0.0
@@ -176,24 +201,30 @@ def _combine_rows(src: np.ndarray, first: np.ndarray, count: np.ndarray, weights
             row = src[first[o] + t]
             for k in range(n):
                 acc[k] += wt * row[k]
-        for k in range(n):
-            dst[o, k] = _to_uint8(acc[k])
+        if to_uint8:
+            for k in range(n):
+                dst[o, k] = _to_uint8(acc[k])
+        else:
+            dst[o, :n] = acc[:n]
 
 
 @numba.njit(cache=True, nogil=True)
 def resized_crop_into(image: np.ndarray, top: int, left: int, height: int, width: int,
-                      out: np.ndarray, bicubic: bool) -> None:
+                      out: np.ndarray, bicubic: bool, antialias: bool) -> None:
     """Resample image[top:top+height, left:left+width] (HWC uint8) into `out` (h, w, 3 uint8, C-contiguous).
 
-    Horizontal pass, rounded to uint8, then vertical pass: the order and the
-    intermediate rounding of PIL and torchvision's uint8 antialiased resize,
-    with float32 weights and sums. Both passes combine whole rows (the
-    horizontal one on the transposed crop), which vectorizes: about 3x faster
-    than a per-pixel tap loop (0.7 ms vs 2.4 ms for 300x300 -> 224, one core).
+    Horizontal pass, then vertical pass, with float32 weights, sums and
+    intermediate; only the result is rounded to uint8, so it is
+    reference.resize up to float32 and that rounding (<= 0.5 levels). PIL's
+    and torchvision's uint8 resize also round and clamp the intermediate,
+    which clips bicubic overshoot (up to ~18 levels off at sharp edges).
+    Both passes combine whole rows (the horizontal one on the transposed
+    crop), which vectorizes: about 3x faster than a per-pixel tap loop
+    (0.7 ms vs 2.4 ms for 300x300 -> 224, one core).
     """
     out_h, out_w = out.shape[0], out.shape[1]
-    col0, ncol, wcol = _resample_weights(width, out_w, bicubic)
-    row0, nrow, wrow = _resample_weights(height, out_h, bicubic)
+    col0, ncol, wcol = _resample_weights(width, out_w, bicubic, antialias)
+    row0, nrow, wrow = _resample_weights(height, out_h, bicubic, antialias)
     columns = np.empty((width, height * 3), np.uint8)  # columns[x] = crop column x, pixel after pixel
     for r in range(height):
         src = image[top + r]
@@ -201,28 +232,29 @@ def resized_crop_into(image: np.ndarray, top: int, left: int, height: int, width
             for c in range(3):
                 columns[x, 3 * r + c] = src[left + x, c]
     acc = np.empty(max(height, out_w) * 3, np.float32)
-    wide_t = np.empty((out_w, height * 3), np.uint8)
-    _combine_rows(columns, col0, ncol, wcol, wide_t, acc)
-    wide = np.empty((height, out_w * 3), np.uint8)  # the horizontal pass's result, transposed back
+    wide_t = np.empty((out_w, height * 3), np.float32)
+    _combine_rows(columns, col0, ncol, wcol, wide_t, acc, False)
+    wide = np.empty((height, out_w * 3), np.float32)  # the horizontal pass's result, transposed back
     for o in range(out_w):
         for r in range(height):
             for c in range(3):
                 wide[r, 3 * o + c] = wide_t[o, 3 * r + c]
-    _combine_rows(wide, row0, nrow, wrow, out.reshape(out_h, out_w * 3), acc)
+    _combine_rows(wide, row0, nrow, wrow, out.reshape(out_h, out_w * 3), acc, True)
 
 
 @numba.njit(cache=True, nogil=True)
-def two_view_crops(image: np.ndarray, params: np.ndarray, seed: int, epoch: int, sample: int,
-                   out: np.ndarray, bicubic: bool) -> None:
+def two_view_crops(image: np.ndarray, params: np.ndarray, official: bool, seed: int, epoch: int, sample: int,
+                   out: np.ndarray, bicubic: bool, antialias: bool) -> None:
     """Both views' random resized crops of one decoded image into out[0], out[1].
 
-    params[v] = (scale_lo, scale_hi, ratio_lo, ratio_hi) of view v.
+    params[v] = (scale_lo, scale_hi, ratio_lo, ratio_hi) of view v; official
+    picks the recipe's box (sample_crop_box), antialias its resampling.
     """
     height, width = image.shape[0], image.shape[1]
     for view in range(2):
-        top, left, h, w = sample_crop_box(height, width, params[view, 0], params[view, 1],
-                                          params[view, 2], params[view, 3], seed, epoch, sample, view)
-        resized_crop_into(image, top, left, h, w, out[view], bicubic)
+        top, left, h, w = sample_crop_box(height, width, params[view, 0], params[view, 1], params[view, 2],
+                                          params[view, 3], official, seed, epoch, sample, view)
+        resized_crop_into(image, top, left, h, w, out[view], bicubic, antialias)
 
 
 def crop_params(spec: AugmentationSpec) -> np.ndarray:
@@ -254,6 +286,8 @@ class TwoViewCropDecoder(Operation):
         self.size = spec.image_size
         self.params = crop_params(spec)
         self.bicubic = spec.interpolation == "bicubic"
+        self.official = spec.recipe == "official"
+        self.antialias = spec.antialias
         self.seed = int(seed)
         self.control = control
 
@@ -267,6 +301,7 @@ class TwoViewCropDecoder(Operation):
         decode_jpeg = Compiler.compile(imdecode)
         loop = Compiler.get_iterator()
         params, bicubic, seed = self.params, self.bicubic, self.seed
+        official, antialias = self.official, self.antialias  # compiled in as constants, like params
         control_address = self.control.ctypes.data
         control_size = self.control.size
         jpg = IMAGE_MODES["jpg"]
@@ -287,7 +322,8 @@ class TwoViewCropDecoder(Operation):
                     image = data.reshape(height, width, 3)
                     status = 0
                 if status == 0:
-                    two_view_crops(image, params, seed, epoch, sample, destination[slot], bicubic)
+                    two_view_crops(image, params, official, seed, epoch, sample, destination[slot], bicubic,
+                                   antialias)
                 else:
                     control[CONTROL_FAILED] = sample + 1
             return destination[:len(batch_indices)]
