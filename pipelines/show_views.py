@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from pipelines.factory import BACKENDS, build_train_loader
-from pipelines.spec import AugmentationSpec
+from pipelines.spec import RECIPES, AugmentationSpec
 
 GAP = 4
 """Pixels of white between tiles; twice that between pairs."""
@@ -51,14 +51,15 @@ def pair_grid(view1: Tensor, view2: Tensor, pairs_per_row: int) -> Tensor:
 
 
 def show_views(data: str | Path, out: str | Path, backend: str = "torchvision", pairs: int = 16,
-               pairs_per_row: int = 4, image_size: int = 224, seed: int = 0, device: str = "cpu") -> Path:
+               pairs_per_row: int = 4, image_size: int = 224, seed: int = 0, device: str = "cpu",
+               recipe: str = "official") -> Path:
     """Writes the first `pairs` view pairs of `backend` over `data` to the PNG `out`; returns its path."""
     if pairs < 2:
         raise ValueError(f"pairs={pairs}: show at least 2 (BatchNorm-sized batches start at 2)")
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"out={out} must end in .png")
-    spec = AugmentationSpec(image_size=image_size)
+    spec = AugmentationSpec(image_size=image_size, recipe=recipe)
     loader = build_train_loader(backend, data, spec, pairs, seed=seed, device=device, dtype=torch.float32,
                                 workers=1)
     try:
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224, help="view side in pixels (default 224)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (torch and dali backends)")
+    parser.add_argument("--recipe", default="official", choices=RECIPES,
+                        help="what the ops mean: DeepMind's official BYOL (default) or torchvision's")
     return parser
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = show_views(args.data, args.out, args.backend, args.pairs, args.pairs_per_row, args.image_size,
-                          args.seed, args.device)
+                          args.seed, args.device, args.recipe)
     except ValueError as error:  # DataError included
         print(f"byol-fast show-views: error: {error}", file=sys.stderr)
         return 2

@@ -21,13 +21,14 @@ def data(tmp_path_factory):
     return root / "train"
 
 
-def test_png_holds_the_backends_views(data, tmp_path):
+@pytest.mark.parametrize("recipe", ["official", "torchvision"])
+def test_png_holds_the_backends_views(data, tmp_path, recipe):
     out = show_views(data, tmp_path / "views.png", backend="torchvision", pairs=4, pairs_per_row=2,
-                     image_size=SIZE, seed=3)
+                     image_size=SIZE, seed=3, recipe=recipe)
     picture = np.asarray(Image.open(out))
     rows, per_row = 2, 2
     assert picture.shape == (rows * SIZE + (rows + 1) * 2 * GAP, per_row * (2 * SIZE + GAP) + (per_row + 1) * 2 * GAP, 3)
-    spec = AugmentationSpec(image_size=SIZE)
+    spec = AugmentationSpec(image_size=SIZE, recipe=recipe)
     loader = build_train_loader("torchvision", data, spec, 4, seed=3, workers=1)
     view1, view2 = next(iter(loader.batches(0)))
     loader.close()
