@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,24 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, query_features: T
     return (predicted == query_labels.to(predicted.device)).float().mean().item()
 
 
+class _Abandoned(Exception):
+    """Raised out of a feature pass that was asked to stop."""
+
+
+class _Abandonable(nn.Module):
+    """The encoder, checking `abandon()` before each batch (extract_features has no other hook)."""
+
+    def __init__(self, encoder: nn.Module, abandon: Callable[[], bool]) -> None:
+        super().__init__()
+        self.encoder, self.abandon = encoder, abandon
+        self.train(encoder.training)  # extract_features puts back the mode it finds here
+
+    def forward(self, batch: Tensor) -> Tensor:
+        if self.abandon():
+            raise _Abandoned
+        return self.encoder(batch)
+
+
 class KnnMonitor:
     """kNN top-1 accuracy of the encoder on a held-out labelled split, every few epochs.
 
@@ -115,14 +134,21 @@ class KnnMonitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def run(self, encoder: nn.Module, epoch: int) -> dict[str, float | int]:
-        """Evaluate now: {"epoch", "knn_top1" (fraction), "knn_seconds"}."""
+    def run(self, encoder: nn.Module, epoch: int,
+            abandon: Callable[[], bool] | None = None) -> dict[str, float | int] | None:
+        """Evaluate now: {"epoch", "knn_top1" (fraction), "knn_seconds"}; None when `abandon()` turned True
+        before a batch (the trainer's stop signal: a pass can outlast the grace period a scheduler gives)."""
         self._sync()  # sync point: the timer starts after queued training work has finished
         start = time.perf_counter()
         options = dict(image_size=self.image_size, device=self.device, batch_size=self.batch_size,
                        num_workers=self.num_workers, crop_fraction=self.crop_fraction)
-        train_x, train_y = extract_features(encoder, self.train_images, **options)
-        val_x, val_y = extract_features(encoder, self.val_images, **options)
+        if abandon is not None:
+            encoder = _Abandonable(encoder, abandon)
+        try:
+            train_x, train_y = extract_features(encoder, self.train_images, **options)
+            val_x, val_y = extract_features(encoder, self.val_images, **options)
+        except _Abandoned:
+            return None
         top1 = knn_accuracy(train_x, train_y, val_x, val_y, len(self.train_images.classes), self.k, self.temperature)
         self._sync()
         result = {"epoch": epoch, "knn_top1": top1, "knn_seconds": time.perf_counter() - start}

@@ -15,14 +15,20 @@ sharding), or starts fresh when there is none. So when torchrun restarts
 failed workers (`--max-restarts`), they pick up where the last checkpoint left
 off with no extra flag.
 
-Stopping: SIGTERM or SIGINT (Ctrl-C) finish the current step, save a
-checkpoint and exit; all ranks agree on the step through a small gloo
-collective each step. SIGTERM exits 0, so a preempted job counts as a clean
-stop and its resubmission (same command) resumes; SIGINT exits 130. torchrun
-forwards signals to its workers and waits 30 s before killing them, ample for
-a checkpoint (a kNN due at that step, unless it is the run's last, is left to
-the resumed run). Exit codes: 0 done or stopped by SIGTERM, 1 training failed
-(e.g. a non-finite loss: the message names the step and the last good
+Stopping: SIGTERM or SIGINT (Ctrl-C), sent to the main process or to the whole
+process group (`timeout`, Slurm's scancel and preemption, `kill -- -PGID`,
+torchrun), finish the current step, save a checkpoint and exit; data-loading
+workers leave the signal to the main process, and all ranks agree on the step
+through a small gloo collective each step. The first signal is acknowledged at
+once with what will happen; repeats are explained, not acted on (SIGKILL quits
+at once). A kNN pass in progress is abandoned and left to the resumed run, as
+is a kNN due at the stopping step, unless it is the run's last. SIGTERM exits
+0, so a preempted job counts as a clean stop and its resubmission (same
+command) resumes; SIGINT exits 130. torchrun forwards signals to its workers
+and waits 30 s before killing them, ample for a checkpoint; torchrun itself
+then exits 1 (its SignalException). Exit codes: 0 done or stopped by SIGTERM,
+1 training failed (e.g. a non-finite loss, or a data-loading worker killed by
+the out-of-memory killer: the message names the cause and the last good
 checkpoint, and no checkpoint of the bad state is written), 2 bad
 configuration, 130 stopped by SIGINT.
 """
@@ -35,7 +41,6 @@ import dataclasses
 import resource
 import signal
 import sys
-import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -54,11 +59,12 @@ from byol_fast.model import BYOL
 from byol_fast.run_log import RunLogger, byol_step_flops_per_image, measure_matmul_flops, mfu, provenance
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
+from byol_fast.stop_signals import EXIT_OK, StopSignals, describe_worker_death
 from pipelines.factory import build_train_loader, resolve_backend
 from pipelines.sources import ImageList, scan_image_folder
 from pipelines.synthetic import make_synthetic, stale_reason
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_FAILED, EXIT_USAGE = 1, 2  # and stop_signals' EXIT_OK (0) and EXIT_INTERRUPTED (130)
 # Settings a resumed run must share with its checkpoint: they fix the model's shape, the schedules
 # and what "batch b of epoch e" means. The world size may change (checkpoints are rank-agnostic).
 RESUME_KEYS = ("arch", "image_size", "projection_size", "projection_hidden_size", "prediction_hidden_size",
@@ -176,31 +182,6 @@ def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class StopSignals:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can save a checkpoint at a step boundary.
-
-    Later signals are ignored (torchrun forwards the terminal's Ctrl-C, which
-    would otherwise count twice); the loop reacts within one step.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -337,15 +318,31 @@ class Trainer:
 
     def train(self, logger: RunLogger, stop: StopSignals) -> int:
         """Run from `self.completed` to `self.stop_step`; returns the exit code (raises TrainingError)."""
+        try:
+            return self._train(logger, stop)
+        except RuntimeError as error:  # PyTorch raises a worker's death anywhere in the loop (from SIGCHLD)
+            death = describe_worker_death(error, self.config.workers)
+            if death is None:
+                raise
+            raise TrainingError(f"{death}. {self._last_good()}; the same command resumes from it") from error
+
+    def _last_good(self) -> str:
+        return f"the last good checkpoint is {self.last_checkpoint or 'none (none was saved yet)'}"
+
+    def _train(self, logger: RunLogger, stop: StopSignals) -> int:
         window_start, data_wait, timed_steps = time.perf_counter(), 0.0, 0
         lr_tensor = self.optimizer.param_groups[0]["lr"]
         if self.completed == 0 or self.knn_pending:
-            window_start += self._run_knn(logger, epoch=self.completed // self.steps_per_epoch)
+            _, seconds = self._run_knn(logger, self.completed // self.steps_per_epoch, stop, abandonable=True)
+            window_start += seconds
+            if self.flags.any(stop.requested):  # host collective; no step since the last checkpoint: none to save
+                return self._stopped(stop)
         while self.completed < self.stop_step:
             epoch, start = divmod(self.completed, self.steps_per_epoch)
             end = min(self.steps_per_epoch, start + self.stop_step - self.completed)
             with contextlib.closing(self.loader.batches(epoch, start)) as batches:
                 for _ in range(start, end):
+                    stop.activity = f"training (step {self.completed + 1} of {self.stop_step})"
                     waited = time.perf_counter()
                     views = next(batches, None)
                     data_wait += time.perf_counter() - waited
@@ -365,42 +362,59 @@ class Trainer:
                             torch.cuda.synchronize(self.info.device)  # SYNC: once per attempt
                         window_start, data_wait = time.perf_counter(), 0.0
                     k = self.completed
-                    stopping = self.flags.any(stop.received is not None)  # host collective, no device sync
-                    every = self.config.checkpoint_every
-                    checkpoint_due = stopping or k == self.stop_step or (every > 0 and k % every == 0)
+                    last = k == self.stop_step
+                    stopping = self.flags.any(stop.requested)  # host collective, no device sync
                     epoch_done = k % self.steps_per_epoch == 0
-                    # A stopping run exits at once (torchrun kills it 30 s after the signal): the epoch's kNN
-                    # then runs first thing on resume. The last step's has no resume to wait for: it runs.
-                    defer_knn = stopping and epoch_done and k < self.stop_step
+                    knn_done = not epoch_done
+                    # A stopping run skips the epoch's kNN (a scheduler kills it soon: torchrun 30 s after the
+                    # signal) and its resumed run runs it first. The last step's has no resume to wait for.
+                    if epoch_done and (last or not stopping):
+                        knn_done, seconds = self._run_knn(logger, k // self.steps_per_epoch, stop,
+                                                          abandonable=not last)
+                        window_start += seconds
+                        stopping = stopping or self.flags.any(stop.requested)  # one that came during the kNN
+                    every = self.config.checkpoint_every
+                    checkpoint_due = stopping or last or (every > 0 and k % every == 0)
                     if checkpoint_due or k % self.config.log_every == 0:
+                        # Before any checkpoint: this is where a non-finite loss is found (never saved).
                         window_start = self._log(logger, k, window_start, data_wait, timed_steps)
                         data_wait, timed_steps = 0.0, 0
                     if checkpoint_due:
-                        path = self.save(knn_pending=defer_knn)
+                        stop.activity = f"saving the step-{k} checkpoint"
+                        path = self.save(knn_pending=not knn_done)
                         if self.info.is_main:
                             print(f"byol-fast train: saved {path}", file=sys.stderr)
                         window_start = time.perf_counter()  # checkpoint time is not training throughput
-                    if epoch_done and not defer_knn:
-                        window_start += self._run_knn(logger, epoch=k // self.steps_per_epoch)
                     if stopping:
-                        code = EXIT_INTERRUPTED if stop.received == signal.SIGINT else EXIT_OK
-                        if self.info.is_main:
-                            print(f"byol-fast train: stopped by a signal at step {k}; run the same command "
-                                  f"(--resume auto) to continue", file=sys.stderr)
-                        return code
+                        return self._stopped(stop)
         return EXIT_OK  # the last step's checkpoint was saved in the loop
 
-    def _run_knn(self, logger: RunLogger, epoch: int) -> float:
-        """kNN top-1 when the monitor is due after `epoch` epochs; returns its seconds, which the
-        caller takes out of the throughput window."""
+    def _stopped(self, stop: StopSignals) -> int:
+        """Say where a signalled run stopped; returns its exit code."""
+        if self.info.is_main:
+            name = signal.Signals(stop.received).name if stop.requested else "a signal on another rank"
+            print(f"byol-fast train: stopped by {name} at step {self.completed} ({self._last_good()}); run the same "
+                  f"command (--resume auto) to continue", file=sys.stderr)
+        return stop.exit_code()
+
+    def _run_knn(self, logger: RunLogger, epoch: int, stop: StopSignals, abandonable: bool) -> tuple[bool, float]:
+        """The kNN top-1, when the monitor is due after `epoch` epochs; `abandonable`: give up when a stop
+        signal arrives. Returns (done: not abandoned, seconds the caller takes out of the throughput window)."""
         if self.knn is None or not self.knn.due(epoch):
-            return 0.0
-        result = self.knn.run(self.learner.online_encoder, epoch)  # syncs the device at both edges
+            return True, 0.0
+        stop.activity = f"running the kNN after epoch {epoch}"
+        began = time.perf_counter()
+        result = self.knn.run(self.learner.online_encoder, epoch,
+                              abandon=(lambda: stop.requested) if abandonable else None)
+        if result is None:
+            print(f"byol-fast train: kNN after epoch {epoch} abandoned for the stop; the resumed run runs it first",
+                  file=sys.stderr)
+            return False, time.perf_counter() - began
         logger.log(self.completed, {"knn_top1": result["knn_top1"], "knn_seconds": result["knn_seconds"],
                                     "epoch": epoch}, show=False)
         print(f"byol-fast train: kNN top-1 after epoch {epoch}: {100 * result['knn_top1']:.1f}% "
               f"({result['knn_seconds']:.1f} s, not counted in images/s)", file=sys.stderr)
-        return result["knn_seconds"]
+        return True, result["knn_seconds"]  # measured from a device sync: queued training work stays in
 
     def _log(self, logger: RunLogger, k: int, window_start: float, data_wait: float, timed_steps: int) -> float:
         """Read the device metrics (the loop's one host-device sync), agree across ranks, and log.
@@ -419,7 +433,7 @@ class Trainer:
         if first_bad != float("inf"):
             raise TrainingError(
                 f"the loss became non-finite at step {int(first_bad) + 1} (counting from 1, as metrics.jsonl "
-                f"does); the last good checkpoint is {self.last_checkpoint or 'none (none was saved yet)'}. "
+                f"does); {self._last_good()}. "
                 f"Resume from it with --precision fp32, check the data (`byol-fast check-data`), or start a "
                 f"new --run-dir with a lower --base-lr (a resume keeps the checkpoint's schedule)")
         record = {"loss": loss_sum / max(steps, 1) / self.info.world_size, "lr": self.lr_at(k - 1),
@@ -435,6 +449,16 @@ class Trainer:
         return window_end
 
 
+def _how_to_go_on(trainer: Trainer) -> str:
+    """What continues a finished run: more --max-steps while epochs remain; else only a new run (the lr and tau
+    schedules span the configured epochs, and a resume refuses other --epochs)."""
+    if trainer.completed < trainer.total_steps:
+        return (f"raise --max-steps (up to {trainer.total_steps}, all {trainer.config.epochs} epochs) or leave it "
+                f"out to go on, or pass a new --run-dir to train again")
+    return (f"it trained all {trainer.config.epochs} epochs; to train longer, start a new --run-dir with more "
+            f"--epochs (a resume keeps the schedules, which end with the epochs)")
+
+
 def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
     """Initialize the process group, build the Trainer, run it, and always clean up; returns the exit code."""
     trainer = logger = stop = None
@@ -444,8 +468,7 @@ def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
         if trainer.completed >= trainer.stop_step:  # leave the finished run's record as it is
             if info.is_main:
                 print(f"byol-fast train: {config.run_dir} holds a finished run (step {trainer.completed} of "
-                      f"{trainer.stop_step}): nothing to do; pass a new --run-dir to train again, or a larger "
-                      f"--max-steps to go on", file=sys.stderr)
+                      f"{trainer.stop_step}): nothing to do; {_how_to_go_on(trainer)}", file=sys.stderr)
             return EXIT_OK
         logger = RunLogger(config.run_dir, {**config.to_dict(), "resolved": trainer.describe()}, info.rank,
                            trainer.stop_step, tensorboard=config.tensorboard, images_per_step=config.global_batch,
@@ -455,7 +478,11 @@ def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
                   f"({info.world_size} rank(s)), {trainer.loader.backend} data on {info.device}, {trainer.precision}"
                   f", cuda graph {'on' if trainer.cuda_graph else 'off'}; steps {trainer.completed} -> "
                   f"{trainer.stop_step} of {trainer.total_steps}", file=sys.stderr)
-        stop = StopSignals()
+        if info.is_main and config.knn_every_epochs and config.resolved_val_data() is None:
+            print("byol-fast train: no kNN monitor: it needs a labelled --val-data folder with the classes of --data "
+                  "(pass one to follow kNN top-1 during training, or --knn-every-epochs 0 to silence this)",
+                  file=sys.stderr)
+        stop = StopSignals(announce=info.is_main)
         return trainer.train(logger, stop)
     except (ValueError, CheckpointError) as error:  # no such GPU, DataError, bad checkpoints, problems building
         print(f"byol-fast train: error: {error}", file=sys.stderr)

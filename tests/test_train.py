@@ -1,16 +1,18 @@
-"""The run loop on CPU: kill/SIGTERM and resume end where an uninterrupted run ends, a non-finite loss stops
-the run naming the step and keeps the last good checkpoint, bad checkpoints are refused and never overwritten."""
+"""The run loop on CPU: kill/SIGTERM and resume end where an uninterrupted run ends, a stop during a kNN pass
+or a Ctrl-C is acted on as promised, a dead worker is named, a non-finite loss stops the run naming the step and
+keeps the last good checkpoint, bad checkpoints are refused and never overwritten."""
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import assert_same_state, one_thread, start_trainer, wait_for  # noqa: F401
 
 from byol_fast import train
 from byol_fast.checkpoint import CheckpointManager
@@ -18,21 +20,13 @@ from pipelines.sources import shard_indices
 from pipelines.synthetic import make_synthetic
 from pipelines.views_loader import save_views
 
-REPO = Path(__file__).resolve().parents[1]
 # 24 images, global batch 8: 3 steps per epoch, 9 in all; checkpoints at 2, 4, 6, 8 (mostly mid-epoch) and 9.
 COMMON = ["--arch", "resnet18", "--image-size", "32", "--global-batch", "8", "--warmup-epochs", "1",
           "--projection-hidden-size", "64", "--prediction-hidden-size", "64", "--workers", "0",
           "--no-tensorboard", "--device", "cpu"]
 RUN = COMMON + ["--epochs", "3", "--data-backend", "torchvision", "--log-every", "1", "--checkpoint-every", "2"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread, as the subprocesses get (OMP_NUM_THREADS=1): the same float results, no contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -55,31 +49,6 @@ def reference(data: Path, tmp_path_factory) -> tuple[Path, dict]:
     return run_dir, torch.load(run_dir / "checkpoints" / "step_00000009.pt")
 
 
-def _assert_same_state(state: dict, expected: dict) -> None:
-    assert state["step"] == expected["step"]
-    for name, tensor in expected["model"].items():
-        assert torch.equal(state["model"][name], tensor), name
-    for key, entry in expected["optimizer"]["state"].items():
-        assert torch.equal(state["optimizer"]["state"][key]["momentum_buffer"], entry["momentum_buffer"]), key
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "byol_fast.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.05)
-
-
 def test_reference_run_records_everything(reference):
     run_dir, final = reference
     assert final["position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 3, "knn_pending": False}
@@ -97,15 +66,15 @@ def test_reference_run_records_everything(reference):
 @pytest.mark.slow
 def test_killed_run_resumes_where_an_uninterrupted_run_ends(data, reference, tmp_path):
     run_dir = tmp_path / "run"
-    process = _start(RUN + ["--data", str(data), "--run-dir", str(run_dir)])
+    process = start_trainer(RUN + ["--data", str(data), "--run-dir", str(run_dir)])
     manager = CheckpointManager(run_dir)
-    _wait_for(lambda: manager.latest() is not None and manager.latest().name >= "step_00000004.pt", process)
+    wait_for(lambda: manager.latest() is not None and manager.latest().name >= "step_00000004.pt", process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     killed_at = int(manager.latest().stem.split("_")[1])
     assert 4 <= killed_at < 9
     assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 0  # --resume auto (default)
-    _assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
+    assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
 
 
 @pytest.mark.slow
@@ -113,18 +82,18 @@ def test_sigterm_saves_exits_zero_and_resume_continues(data, reference, tmp_path
     run_dir = tmp_path / "run"
     # No periodic checkpoints: the only one before the end is the one the signal makes.
     args = RUN[:-2] + ["--checkpoint-every", "0", "--data", str(data), "--run-dir", str(run_dir)]
-    process = _start(args)
+    process = start_trainer(args)
     metrics = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, process)
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     saved = CheckpointManager(run_dir).checkpoints()
     assert len(saved) == 1 and 2 <= saved[0][0] < 9
-    assert f"stopped by a signal at step {saved[0][0]}" in stderr
+    assert f"stopped by SIGTERM at step {saved[0][0]}" in stderr
     assert train.main(args) == 0
     assert f"steps {saved[0][0]} -> 9 of 9" in capsys.readouterr().err
-    _assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
+    assert_same_state(torch.load(run_dir / "checkpoints" / "step_00000009.pt"), reference[1])
 
 
 def test_a_stop_at_an_epochs_end_exits_at_once_and_the_resumed_run_runs_that_epochs_knn(data, tmp_path, monkeypatch):
@@ -155,12 +124,113 @@ def test_a_stop_at_an_epochs_end_exits_at_once_and_the_resumed_run_runs_that_epo
     assert torch.load(run_dir / "checkpoints" / "step_00000006.pt")["position"]["knn_pending"] is False
 
 
+def _knn_records(run_dir: Path) -> list[tuple[int, int]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line["epoch"]) for line in lines if "knn_top1" in line]
+
+
+def test_a_stop_during_a_knn_pass_abandons_it_saves_at_once_and_the_resume_matches(data, reference, tmp_path,
+                                                                                   monkeypatch, capfd):
+    # A kNN pass can outlast a scheduler's grace period (torchrun's 30 s): it must not delay the checkpoint.
+    from byol_fast import knn
+
+    extract, calls = knn.extract_features, []
+
+    def signalled_in_the_second_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # two calls a pass (bank, val): the pass after epoch 1, at step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(knn, "extract_features", signalled_in_the_second_pass)
+    run_dir = tmp_path / "run"
+    args = RUN + ["--data", str(data), "--val-data", str(data), "--run-dir", str(run_dir)]
+    assert train.main(args) == 0
+    error = capfd.readouterr().err
+    assert "SIGTERM received while running the kNN after epoch 1" in error
+    assert "kNN after epoch 1 abandoned for the stop" in error
+    assert _knn_records(run_dir) == [(0, 0)]
+    # Saved at the step the pass followed (not one step later), with that pass still to run.
+    assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [2, 3]
+    assert torch.load(CheckpointManager(run_dir).path_for(3))["position"]["knn_pending"] is True
+    monkeypatch.undo()
+    assert train.main(args) == 0
+    assert _knn_records(run_dir) == [(0, 0), (3, 1), (6, 2), (9, 3)]
+    assert_same_state(torch.load(CheckpointManager(run_dir).path_for(9)), reference[1])
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_while_saving_is_explained(data, tmp_path, monkeypatch,
+                                                                                  capfd):
+    from byol_fast.step import TrainStep
+
+    call, save, calls, during_the_step = TrainStep.__call__, CheckpointManager.save, [], []
+
+    def long_second_step(self, *views):
+        calls.append(1)
+        if len(calls) == 2:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while the step runs
+            time.sleep(1.5)
+            during_the_step.append(capfd.readouterr().err)
+        call(self, *views)
+
+    def ctrl_c_again_while_saving(manager, step, state):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(manager, step, state)
+
+    monkeypatch.setattr(TrainStep, "__call__", long_second_step)
+    monkeypatch.setattr(CheckpointManager, "save", ctrl_c_again_while_saving)
+    run_dir = tmp_path / "run"
+    assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir)]) == 130
+    assert ("SIGINT received while training (step 2 of 9): the run stops at the end of the current step, saves a "
+            "checkpoint and exits with code 130" in during_the_step[0])
+    error = capfd.readouterr().err
+    assert ("SIGINT again: already stopping, now saving the step-2 checkpoint; the run exits once its checkpoint "
+            "is saved" in error)
+    assert f"stopped by SIGINT at step 2 (the last good checkpoint is {CheckpointManager(run_dir).path_for(2)})" in error
+    assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [2]
+
+
+def test_a_worker_killed_by_sigkill_names_the_oom_killer_and_the_last_good_checkpoint(data, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from byol_fast.step import TrainStep
+
+    call, calls = TrainStep.__call__, []
+
+    def oom_killer_at_step_three(self, *views):
+        call(self, *views)
+        calls.append(1)
+        if len(calls) == 3:
+            for worker in multiprocessing.active_children():  # the DataLoader's worker process
+                os.kill(worker.pid, signal.SIGKILL)
+            time.sleep(10)  # PyTorch's SIGCHLD handler raises here
+
+    monkeypatch.setattr(TrainStep, "__call__", oom_killer_at_step_three)
+    run_dir = tmp_path / "run"
+    assert train.main(RUN + ["--workers", "1", "--data", str(data), "--run-dir", str(run_dir)]) == 1
+    error = capsys.readouterr().err
+    assert "a data-loading worker process died (DataLoader worker (pid" in error and "Killed" in error
+    assert "SIGKILL is what the kernel's out-of-memory killer sends" in error and "--workers (now 1)" in error
+    assert (f"the last good checkpoint is {CheckpointManager(run_dir).path_for(2)}; the same command resumes "
+            f"from it" in error)
+
+
+def test_a_run_stopped_by_max_steps_says_how_to_go_on_and_that_works(data, tmp_path, capsys):
+    args = RUN + ["--data", str(data), "--run-dir", str(tmp_path / "run"), "--knn-every-epochs", "0"]
+    assert train.main(args + ["--max-steps", "2"]) == 0
+    assert train.main(args + ["--max-steps", "2"]) == 0
+    assert "raise --max-steps (up to 9, all 3 epochs) or leave it out to go on" in capsys.readouterr().err
+    assert train.main(args + ["--max-steps", "3"]) == 0
+    assert "steps 2 -> 3 of 9" in capsys.readouterr().err
+
+
 def test_finished_run_is_not_restarted_or_mixed(data, reference, capsys):
     run_dir, _ = reference
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     record = {name: (run_dir / name).read_bytes() for name in ("config.json", "metrics.jsonl", "attempts.jsonl")}
     assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir), "--data-backend", "torch"]) == 0
-    assert f"{run_dir} holds a finished run (step 9 of 9): nothing to do" in capsys.readouterr().err
+    hint = capsys.readouterr().err
+    assert f"{run_dir} holds a finished run (step 9 of 9): nothing to do" in hint
+    assert "to train longer, start a new --run-dir with more --epochs" in hint and "--max-steps" not in hint
     assert {name: (run_dir / name).read_bytes() for name in record} == record  # its record still tells the truth
     assert train.main(RUN + ["--data", str(data), "--run-dir", str(run_dir), "--resume", "none"]) == 2
     error = capsys.readouterr().err
