@@ -252,8 +252,9 @@ def resolve_resume(resume: str | os.PathLike | None, run_dir: str | os.PathLike)
         raise CheckpointError(f"--resume {path} is a directory: pass a checkpoint file (…/checkpoints/step_*.pt) or 'auto'")
     if not path.is_file():
         raise CheckpointError(
-            f"--resume {path}: no such checkpoint file. Pass an existing step_*.pt, 'auto' to continue from the "
-            f"newest in {Path(run_dir) / 'checkpoints'}, or leave --resume out to start fresh"
+            f"--resume {path}: no such checkpoint file. Pass an existing step_*.pt, or leave --resume out (it "
+            f"defaults to 'auto': continue from the newest checkpoint in {Path(run_dir) / 'checkpoints'}, or start "
+            f"fresh when there is none)"
         )
     return path
 

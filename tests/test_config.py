@@ -240,7 +240,9 @@ def test_cli_rejects_bad_configs_before_any_heavy_work(tmp_path: Path, monkeypat
     assert train.main(["--data", str(tmp_path), "--device", "cpu", "--cuda-graph"]) == 2
     assert "--no-cuda-graph" in capsys.readouterr().err
     assert train.main(["--data", str(tmp_path), "--device", "cpu", "--resume", str(tmp_path / "x.pt")]) == 2
-    assert "no such checkpoint file" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "no such checkpoint file" in error and "to start fresh" not in error  # auto resumes, not starts fresh
+    assert "leave --resume out (it defaults to 'auto': continue from the newest checkpoint in" in error
     from byol_fast.distributed import init_distributed  # the real one: it picks (and checks) the device
 
     monkeypatch.setattr(train, "init_distributed", init_distributed)
