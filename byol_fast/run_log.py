@@ -132,6 +132,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _steps_per_s(since: tuple[int, float] | None, step: int, now: float) -> float | None:
+    """Steps per second from `since` = (step, time) to now; None when there is no such interval."""
+    if since is None or step <= since[0] or now <= since[1]:
+        return None
+    return (step - since[0]) / (now - since[1])
+
+
 def _open_lines(path: Path):
     """A line-buffered append handle on a JSONL file. A write cut short (a kill mid-line, a full disk) leaves
     a partial last line: it is ended first, so the next record does not run into it and become unreadable."""
@@ -174,7 +181,8 @@ class RunLogger:
         self._progress = progress
         self._metrics_file = None
         self.attempt = 0  # this attempt's line in attempts.jsonl (from 1); set below on rank 0
-        self._last: tuple[int, float] | None = None  # (step, monotonic time) of the previous log call
+        self._last: tuple[int, float] | None = None  # (step, monotonic time) of the previous shown log call
+        self._first: tuple[int, float] | None = None  # the same of the first one: the ETA's rate counts from it
         self._start = time.monotonic()
         if not self.enabled:
             return
@@ -229,21 +237,27 @@ class RunLogger:
             if self._progress:
                 self._show(step, metrics, now)
             self._last = (step, now)
+            self._first = self._first or self._last
 
     def _show(self, step: int, metrics: dict[str, Any], now: float) -> None:
-        """Progress with loss, images/s and an ETA from the step rate since the previous log call."""
-        steps_per_s = None
-        if self._last is not None and step > self._last[0] and now > self._last[1]:
-            steps_per_s = (step - self._last[0]) / (now - self._last[1])
+        """Progress with loss, images/s (of the window since the previous log call) and an ETA.
+
+        The ETA's rate is the average since the first log call of this attempt, so it is stable: a
+        window's rate swings with what happened in it (a kNN pass, a checkpoint, a slow disk), and the
+        first window, which holds warm-up and compilation, is left out. Pauses that recur (the kNN every
+        few epochs) are in the average, as they will be in the remaining time.
+        """
         images_per_s = metrics.get("images_per_s")
-        if images_per_s is None and steps_per_s is not None and self.images_per_step:
-            images_per_s = steps_per_s * self.images_per_step
+        window_rate = _steps_per_s(self._last, step, now)
+        if images_per_s is None and window_rate is not None and self.images_per_step:
+            images_per_s = window_rate * self.images_per_step
         parts = [f"{key} {value:.4g}" for key, value in metrics.items()
                  if key == "loss" and isinstance(value, float)]
         if images_per_s is not None:
             parts.append(f"{images_per_s:,.0f} img/s")
-        if steps_per_s:
-            parts.append(f"ETA {_duration((self.total_steps - step) / steps_per_s)}")
+        average_rate = _steps_per_s(self._first, step, now)
+        if average_rate:
+            parts.append(f"ETA {_duration((self.total_steps - step) / average_rate)}")
         text = " | ".join(parts)
         if sys.stderr.isatty() and self._open_bar(step):
             self._bar.update(step - self._bar.n)

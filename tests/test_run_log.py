@@ -167,14 +167,34 @@ def test_progress_line_rate_and_eta(tmp_path, monkeypatch, capsys):
     clock.now = 2.0
     logger.log(20, {"loss": 0.5})  # 5 steps/s -> 320 images/s; 980 steps left -> 196 s
     clock.now = 2.5
-    logger.log(30, {"loss": 0.25, "images_per_s": 12345.0})  # a measured rate wins; 20 steps/s -> 48.5 s
+    logger.log(30, {"loss": 0.25, "images_per_s": 12345.0})  # a measured rate wins; 8 steps/s since step 10
     logger.close()
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "step 10/1000 | loss 0.75",
         "step 20/1000 | loss 0.5 | 320 img/s | ETA 0:03:16",
-        "step 30/1000 | loss 0.25 | 12,345 img/s | ETA 0:00:48",
+        "step 30/1000 | loss 0.25 | 12,345 img/s | ETA 0:02:01",  # 970 steps at 8 steps/s
     ]
+
+
+def test_eta_is_the_rate_since_the_first_window_not_the_last_window(tmp_path, monkeypatch, capsys):
+    # A demo run: 30 s of warm-up in the first window, then 10 steps a second, except a window holding a
+    # 20 s kNN pass every 50 steps. The last window's rate swung the ETA from 0:00:40 to 0:05:00 and back.
+    clock = _Clock()
+    monkeypatch.setattr(run_log.time, "monotonic", clock)
+    logger = RunLogger(tmp_path, {}, rank=0, total_steps=500, tensorboard=False, images_per_step=64)
+    for step in range(10, 500, 10):
+        clock.now += 30.0 if step == 10 else 1.0 + (20.0 if step % 50 == 0 else 0.0)
+        logger.log(step, {"loss": 1.0})
+    logger.close()
+    etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().err.splitlines() if "ETA" in line]
+    seconds = dict(zip(range(20, 500, 10), (int(h) * 3600 + int(m) * 60 + int(s)
+                                            for h, m, s in (eta.split(":") for eta in etas))))
+    # At step 450, just after a kNN window (the last window's rate gave 50 x 2.1 s = 1:45): the rate since
+    # step 10 is 440 steps in 44 s of training and 9 kNN passes.
+    assert seconds[450] == 50 * (44 + 9 * 20) // 440
+    # Once a few passes are in the average, a kNN window moves the ETA by under a third (it was 20x).
+    assert all(seconds[step] <= 1.3 * seconds[step - 10] for step in range(150, 500, 10))
 
 
 def test_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
