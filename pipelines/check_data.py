@@ -4,8 +4,12 @@ Run it once on a new dataset before a long job: it finds the files that would
 stop or silently distort training (truncated, corrupt, not images), and lists
 the oddities the decoders handle but a user may want to know about: PNGs inside
 .JPEG names, CMYK and grayscale JPEGs, images with alpha or a palette, and
-images smaller than the crop. Exit code 0 when every file decodes, 1 when any
-does not, 2 when the tree itself is unusable (missing, empty class folders).
+images smaller than the crop. Everything is reported in one pass: class folders
+with no images (which training refuses) beside the files that do not decode.
+Decoding runs in one process per usable CPU by default. Exit code 0 when the
+tree is usable and every file decodes, 1 when some file does not, 2 when the
+tree's layout is unusable (empty class folders; a missing root or one with no
+images at all stops at once).
 """
 
 from __future__ import annotations
@@ -52,14 +56,16 @@ class DataReport:
     classes: int
     problems: list[FileCheck] = field(default_factory=list)
     """Files with issues, in the tree's (sorted) order."""
+    empty_folders: list[str] = field(default_factory=list)
+    """Class (or split) folders holding no images: training refuses such a tree."""
     counts: Counter = field(default_factory=Counter)
     """Number of files per issue kind."""
     total_bytes: int = 0
 
     @property
     def ok(self) -> bool:
-        """True when every file decodes (non-fatal oddities allowed)."""
-        return self.counts[UNREADABLE] == 0
+        """True when the layout is usable and every file decodes (non-fatal oddities allowed)."""
+        return self.counts[UNREADABLE] == 0 and not self.empty_folders
 
     def paths(self, kind: str) -> list[str]:
         """Paths of the files that have issue `kind`."""
@@ -67,8 +73,11 @@ class DataReport:
 
     def summary(self) -> str:
         """One line: totals and a verdict."""
-        parts = ", ".join(f"{self.counts[k]} {k}" for k in KINDS if self.counts[k])
-        verdict = "OK" if self.ok else f"FAIL: delete or replace the {self.counts[UNREADABLE]} unreadable file(s)"
+        parts = ", ".join([f"{len(self.empty_folders)} empty folder(s)"] * bool(self.empty_folders)
+                          + [f"{self.counts[k]} {k}" for k in KINDS if self.counts[k]])
+        fixes = ([f"fill or remove the {len(self.empty_folders)} empty folder(s)"] * bool(self.empty_folders)
+                 + [f"delete or replace the {self.counts[UNREADABLE]} unreadable file(s)"] * bool(self.counts[UNREADABLE]))
+        verdict = "OK" if self.ok else f"FAIL: {' and '.join(fixes)}"
         mean_kb = self.total_bytes / max(1, self.files) / 1e3
         return (f"checked {self.files} images in {self.classes} classes under {self.root} (mean {mean_kb:.1f} KB): "
                 f"{parts or 'no issues'} -> {verdict}")
@@ -122,40 +131,70 @@ def _split_folders(root: Path) -> list[Path]:
     return [root / name for name in splits] if splits and children <= set(_SPLITS) else []
 
 
-def _index_split(split: Path) -> ImageList:
-    """The images of one split folder: a class tree, or a flat folder of images as ImageNet's raw val/ and
-    test/ are (labels live elsewhere; here they are all 0 under one class, "unlabelled")."""
-    if visible_subfolders(split):
-        return load_images(split)
-    files = images_under(split.resolve())
-    if not files:
-        raise DataError(f"split folder {split} holds neither class folders nor images: remove it or fill it")
-    return ImageList(files=files, labels=[0] * len(files), classes=["unlabelled"])
+def _index(folder: Path) -> tuple[ImageList, list[str]]:
+    """The images of a class tree, a flat folder of images (ImageNet's raw val/ and test/: labels live
+    elsewhere, so all 0 under one class, "unlabelled") or a list file; and the folders holding no images,
+    which are reported beside the files instead of stopping the check (training refuses them).
+
+    A tree that holds nothing to check (missing, no images at all) raises DataError, worded by load_images.
+    """
+    if not folder.is_dir():
+        return load_images(folder), []
+    folder = folder.resolve()
+    classes = visible_subfolders(folder)
+    found = [images_under(folder / name) for name in classes] if classes else [images_under(folder)]
+    if not any(found):
+        return load_images(folder), []  # raises, naming the layout it expects
+    if not classes:
+        return ImageList(files=found[0], labels=[0] * len(found[0]), classes=["unlabelled"]), []
+    empty = [str(folder / name) for name, files in zip(classes, found) if not files]
+    labels = [label for label, files in enumerate(found) for _ in files]
+    return ImageList(files=[f for files in found for f in files], labels=labels, classes=classes), empty
 
 
-def check_data(root: str | Path, workers: int = 1, min_size: int = 32) -> DataReport:
-    """Check every image of a folder tree (or a `path label` list file), `workers` processes at a time.
+def default_workers(files: int) -> int:
+    """Decoding processes by default: one per usable CPU, but one per 256 files at most (starting a
+    process costs about as much as decoding that many, so a small tree is checked in this one)."""
+    return max(1, min(len(os.sched_getaffinity(0)), files // 256))
+
+
+def check_data(root: str | Path, workers: int | None = None, min_size: int = 32) -> DataReport:
+    """Check every image of a folder tree (or a `path label` list file), `workers` processes at a time
+    (None: `default_workers`).
 
     A root holding only train/ (val/, test/) split folders is checked split
     by split, a flat split folder (ImageNet's raw val/) image by image;
-    `classes` counts the first split's classes.
+    `classes` counts the first split's classes. Folders holding no images are
+    listed in the report and their siblings still checked.
 
-    Raises DataError for a tree that cannot be indexed at all (see
+    Raises DataError for a tree with nothing to check (see
     sources.scan_image_folder); per-file problems go into the report.
     """
-    if workers < 1 or min_size < 1:
+    if (workers is not None and workers < 1) or min_size < 1:
         raise ValueError(f"workers={workers} and min_size={min_size} must be >= 1")
     root = Path(root).expanduser()
-    splits = _split_folders(root)
-    indexed = [_index_split(split) for split in splits] if splits else [load_images(root)]
+    splits = _split_folders(root) or [root]
+    indexed, empty_folders = [], []
+    for split in splits:
+        try:
+            images, empty = _index(split)
+        except DataError:
+            if split is root:
+                raise
+            empty_folders.append(str(split.resolve()))  # a split folder with nothing in it
+            continue
+        indexed.append(images)
+        empty_folders += empty
     jobs = [(path, min_size) for images in indexed for path in images.files]
+    workers = default_workers(len(jobs)) if workers is None else workers
     if workers == 1:
         checks = [_check_job(job) for job in jobs]
     else:
         # spawn: the caller may hold torch threads, which fork would copy in a broken state.
         with get_context("spawn").Pool(workers) as pool:
             checks = pool.map(_check_job, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
-    report = DataReport(root=str(root.resolve()), files=len(jobs), classes=indexed[0].num_classes)
+    report = DataReport(root=str(root.resolve()), files=len(jobs), classes=indexed[0].num_classes if indexed else 0,
+                        empty_folders=empty_folders)
     for check in checks:
         report.total_bytes += check.bytes
         if check.issues:
@@ -168,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast check-data`."""
     parser = argparse.ArgumentParser(prog="byol-fast check-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="image tree root/<class>/<image> (e.g. ImageNet train/), or a 'path label' list")
-    parser.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: one per usable CPU, one per 256 images at most)")
     parser.add_argument("--min-size", type=int, default=32,
                         help="flag images whose short side is below this many pixels (default 32)")
     parser.add_argument("--max-listed", type=int, default=100,
@@ -177,13 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `byol-fast check-data`; exit code 0 all decodable, 1 some unreadable, 2 unusable tree."""
+    """Entry point of `byol-fast check-data`; exit code 0 all decodable, 1 some unreadable, 2 unusable layout."""
     args = build_parser().parse_args(argv)
     try:
         report = check_data(args.dir, workers=args.workers, min_size=args.min_size)
     except ValueError as err:  # DataError included: the tree itself is unusable
         print(f"byol-fast check-data: {err}", file=sys.stderr)
         return 2
+    for folder in report.empty_folders:
+        print(f"{'EMPTY-FOLDER':<16} {folder}: holds no images (training refuses the tree: add images or remove it)")
     listed: Counter = Counter()
     for check in report.problems:
         kind = check.issues[0]  # each file is listed once, under its most serious issue
@@ -194,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if hidden:
         print(f"... {hidden} more files with non-fatal issues not listed (raise --max-listed)")
     print(report.summary())
-    return 0 if report.ok else 1
+    return 2 if report.empty_folders else 0 if report.ok else 1
 
 
 if __name__ == "__main__":

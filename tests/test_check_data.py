@@ -114,3 +114,43 @@ def test_split_root_is_checked_per_split(tmp_path: Path) -> None:
     report = check_data(tmp_path)
     assert (report.files, report.classes) == (7, 2)
     assert report.paths("unreadable") == [str(flat.resolve() / "ILSVRC2012_test_00000002.JPEG")]
+
+
+def test_an_empty_class_folder_is_reported_with_every_bad_file_in_one_pass(planted, capsys) -> None:
+    # It stopped the check before any file was decoded: a user fixed it, ran again on 1.28M images, found the rest.
+    root, expected = planted
+    (root / "fox").mkdir()
+    (root / ".cache").mkdir()  # hidden: not a class
+    report = check_data(root)
+    assert report.empty_folders == [str((root / "fox").resolve())]
+    for kind in cd.KINDS:
+        assert set(report.paths(kind)) == expected[kind], kind
+    assert report.classes == 4 and not report.ok
+    assert report.summary().endswith("FAIL: fill or remove the 1 empty folder(s) and delete or replace the 3 "
+                                     "unreadable file(s)")
+    assert cd.main([str(root)]) == 2  # the layout is unusable as it is, whatever the files
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"EMPTY-FOLDER     {(root / 'fox').resolve()}: holds no images (training refuses the tree: " \
+                     f"add images or remove it)"
+    assert {line.split()[1].rstrip(":") for line in out if line.startswith("UNREADABLE")} == expected[UNREADABLE]
+    (root / "fox").rmdir()
+    assert cd.main([str(root)]) == 1
+
+
+def test_an_empty_split_folder_is_reported_and_the_others_checked(tmp_path: Path) -> None:
+    (tmp_path / "train" / "c0").mkdir(parents=True)
+    (tmp_path / "train" / "c0" / "0.JPEG").write_bytes(b"truncated")
+    (tmp_path / "val").mkdir()
+    report = check_data(tmp_path)
+    assert report.empty_folders == [str((tmp_path / "val").resolve())]
+    assert report.paths(UNREADABLE) == [str((tmp_path / "train" / "c0" / "0.JPEG").resolve())]
+
+
+def test_the_default_uses_the_machines_cores_for_a_large_tree(planted, monkeypatch) -> None:
+    monkeypatch.setattr(cd.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [cd.default_workers(n) for n in (22, 511, 512, 1_281_167)] == [1, 1, 2, 8]
+    root, _ = planted
+    serial = check_data(root, workers=1)
+    monkeypatch.setattr(cd, "default_workers", lambda files: 2)  # as for a tree of 512 images
+    assert check_data(root).problems == serial.problems
+    assert cd.build_parser().parse_args([str(root)]).workers is None  # the CLI leaves it to default_workers
