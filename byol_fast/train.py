@@ -51,6 +51,7 @@ from byol_fast.checkpoint import (CheckpointError, CheckpointManager, capture_rn
                                   resolve_resume, restore_rng_state)
 from byol_fast.config import TrainConfig, available_presets, field_docs, field_types, parse_value, resolve_config
 from byol_fast.cross_rank_bn import convert_sync_batchnorm
+from byol_fast.data_checks import check_data_choice, chosen_keys
 from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module,
                                    broadcast_object, cleanup, gather_objects, init_distributed, world_from_env)
 from byol_fast.knn import KnnMonitor
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         _, world_size, _ = world_from_env()
         device_kind = config.resolved_device()
         config.validate(world_size, device_kind)
+        check_data_choice(config, chosen_keys(args))
         resolve_backend(config.data_backend, torch.device(device_kind))  # a missing extra fails here
         resume_path = _resume_path(config)
     except (ValueError, CheckpointError) as error:

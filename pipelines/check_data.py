@@ -118,7 +118,7 @@ def _check_job(job: tuple[str, int]) -> FileCheck:
     return check_file(*job)
 
 
-def _split_folders(root: Path) -> list[Path]:
+def split_folders(root: Path) -> list[Path]:
     """The split folders (train, val, test) of `root` when it holds only those; else none (a class tree).
 
     So `check-data DIR` works on both DIR/train (a class tree) and DIR (as
@@ -173,7 +173,7 @@ def check_data(root: str | Path, workers: int | None = None, min_size: int = 32)
     if (workers is not None and workers < 1) or min_size < 1:
         raise ValueError(f"workers={workers} and min_size={min_size} must be >= 1")
     root = Path(root).expanduser()
-    splits = _split_folders(root) or [root]
+    splits = split_folders(root) or [root]
     indexed, empty_folders = [], []
     for split in splits:
         try:

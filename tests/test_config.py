@@ -257,3 +257,27 @@ def test_load_preset_files_are_flat_known_keys():
     for name in available_presets():
         values = load_preset(name)
         assert values and all(not isinstance(v, dict) for v in values.values()), name
+
+
+def test_data_surprises_are_refused_naming_the_fix(tmp_path: Path, monkeypatch, capsys):
+    from pipelines.synthetic import make_synthetic
+
+    started = []
+    monkeypatch.setattr(train, "run", lambda config, device, resume: started.append(config.data) or 0)
+    # The root of a split tree: it trained on train/ and val/ as two classes, and the kNN monitor went quiet.
+    make_synthetic(tmp_path / "split", images=8, classes=2, val_fraction=0.5)
+    assert train.main(["--data", str(tmp_path / "split"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert f"--data {tmp_path / 'split'} holds the split folders train, val, not class folders" in error
+    assert f"Pass --data {tmp_path / 'split' / 'train'} --val-data {tmp_path / 'split' / 'val'}" in error
+    # A mistyped --data under the demo preset: it got 768 synthetic images written there.
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--preset", "demo", "--data", "data/synthetc/train", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "training data data/synthetc/train does not exist" in error
+    assert "leave --data out to train on data/synthetic/train, or pass --synthetic-images 512" in error
+    assert not (tmp_path / "data").exists() and started == []
+    # Written where the preset puts it, or where asked for explicitly.
+    for flags in ([], ["--data", "data/synthetic/train"], ["--data", "mine/train", "--synthetic-images", "512"]):
+        assert train.main(["--preset", "demo", "--device", "cpu", *flags]) == 0
+    assert started == ["data/synthetic/train", "data/synthetic/train", "mine/train"]

@@ -215,8 +215,11 @@ def test_a_worker_killed_by_sigkill_names_the_oom_killer_and_the_last_good_check
 
 
 def test_a_run_stopped_by_max_steps_says_how_to_go_on_and_that_works(data, tmp_path, capsys):
-    args = RUN + ["--data", str(data), "--run-dir", str(tmp_path / "run"), "--knn-every-epochs", "0"]
+    args = RUN + ["--data", str(data), "--run-dir", str(tmp_path / "run")]
     assert train.main(args + ["--max-steps", "2"]) == 0
+    # No --val-data: the kNN monitor (on by default) cannot run, and says so instead of vanishing.
+    assert "no kNN monitor: it needs a labelled --val-data folder" in capsys.readouterr().err
+    args += ["--knn-every-epochs", "0"]
     assert train.main(args + ["--max-steps", "2"]) == 0
     assert "raise --max-steps (up to 9, all 3 epochs) or leave it out to go on" in capsys.readouterr().err
     assert train.main(args + ["--max-steps", "3"]) == 0
