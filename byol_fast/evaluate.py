@@ -44,6 +44,7 @@ from byol_fast.logreg import logistic_regression_probe
 from byol_fast.model import TORCHVISION_ENCODERS
 from byol_fast.schedules import WarmupCosineLR, scaled_lr
 from byol_fast.stl10 import find_stl10_root, load_stl10
+from pipelines.command_line import CommandParser, integer, number
 from pipelines.sources import DataError, scan_image_folder
 from pipelines.torchvision_loader import default_workers
 
@@ -209,7 +210,7 @@ def linear_probe_logreg(encoder: nn.Module, train: Images, val: Images, *, image
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast eval`."""
-    parser = argparse.ArgumentParser(prog="byol-fast eval", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="byol-fast eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     protocols = parser.add_subparsers(dest="protocol", required=True)
     for name, help_text in (("linear", "linear evaluation (sgd: the official protocol; logreg: fast)"),
@@ -222,24 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="encoder architecture (default: the checkpoint's, or the one in the .json that "
                               "`byol-fast export` wrote beside --weights; else resnet50)")
         sub.add_argument("--data", required=True, help="folder with train/ and val/ class folders, or STL-10 binaries")
-        sub.add_argument("--image-size", type=int, default=None,
+        sub.add_argument("--image-size", type=integer, default=None,
                          help="evaluation crop (default: the training size the checkpoint or the export's .json "
                               "records, else 224)")
-        sub.add_argument("--crop-fraction", type=float, default=EVAL_CROP_FRACTION,
+        sub.add_argument("--crop-fraction", type=number, default=EVAL_CROP_FRACTION,
                          help="centre crop / resized short side (default 0.875 = 224/256; 1 keeps the whole image)")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sub.add_argument("--workers", type=int, default=default_workers(),
+        sub.add_argument("--workers", type=integer, default=default_workers(),
                          help="data-loading worker processes (default: usable CPUs, at most 8)")
-        sub.add_argument("--batch-size", type=int, default=None, help=f"sgd: {LINEAR_BATCH}; feature extraction: 256")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--batch-size", type=integer, default=None,
+                         help=f"sgd: {LINEAR_BATCH}; feature extraction: 256")
+        sub.add_argument("--seed", type=integer, default=0)
         sub.add_argument("--output", default=None, help="also write the result as JSON here")
         if name == "linear":
             sub.add_argument("--mode", choices=("sgd", "logreg"), default="sgd")
-            sub.add_argument("--epochs", type=int, default=LINEAR_EPOCHS, help="sgd mode epochs")
-            sub.add_argument("--base-lr", type=float, default=LINEAR_BASE_LR, help="sgd lr per 256 images")
+            sub.add_argument("--epochs", type=integer, default=LINEAR_EPOCHS, help="sgd mode epochs")
+            sub.add_argument("--base-lr", type=number, default=LINEAR_BASE_LR, help="sgd lr per 256 images")
         else:
-            sub.add_argument("--k", type=int, default=DEFAULT_K)
-            sub.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+            sub.add_argument("--k", type=integer, default=DEFAULT_K)
+            sub.add_argument("--temperature", type=number, default=DEFAULT_TEMPERATURE)
     return parser
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from byol_fast.checkpoint import CheckpointError, CheckpointManager
 from byol_fast.model import TORCHVISION_ENCODERS, build_encoder
+from pipelines.command_line import CommandParser
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
 ENCODER_PREFIX = "online_encoder.net."
@@ -333,7 +334,7 @@ def encoder_for_features(arch: str, state: dict[str, Tensor], source: str = "the
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast export`."""
-    parser = argparse.ArgumentParser(prog="byol-fast export", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="byol-fast export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a training checkpoint (run_dir/checkpoints/step_*.pt)")
     parser.add_argument("output", help="where to write the state_dict (.pt, in an existing folder); metadata goes "
                                        "to the same name with .json")

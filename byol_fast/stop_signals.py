@@ -89,5 +89,6 @@ def describe_worker_death(error: BaseException, workers: int) -> str | None:
         cause = (f"SIGKILL is what the kernel's out-of-memory killer sends (`dmesg` says so): give the job more "
                  f"memory or lower --workers (now {workers})")
     else:
-        cause = "a stop signal would not do this (workers leave SIGTERM and SIGINT to the trainer): look for what sent it"
+        cause = ("a stop signal would not do this (workers leave SIGTERM and SIGINT to the trainer): look for what "
+                 "sent it")
     return f"a data-loading worker process died ({text}); {cause}"

@@ -42,6 +42,7 @@ import resource
 import signal
 import sys
 import time
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from byol_fast.run_log import RunLogger, byol_step_flops_per_image, measure_matm
 from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.step import TrainStep
 from byol_fast.stop_signals import EXIT_OK, StopSignals, describe_worker_death
+from pipelines.command_line import CommandParser
 from pipelines.factory import build_train_loader, resolve_backend
 from pipelines.sources import ImageList, scan_image_folder
 from pipelines.synthetic import make_synthetic, stale_reason
@@ -73,6 +75,14 @@ RESUME_KEYS = ("arch", "image_size", "projection_size", "projection_hidden_size"
                "tau_base", "seed")
 
 
+# Flags of other trainers that people type out of habit, and what they are called here.
+FLAG_ALIASES = {"--batch-size": "--global-batch (source images per step, summed over all ranks)",
+                "--lr": "--base-lr (per 256 images; the peak lr is base_lr * global_batch / 256)",
+                "--learning-rate": "--base-lr (per 256 images; the peak lr is base_lr * global_batch / 256)",
+                "--num-workers": "--workers", "--output-dir": "--run-dir", "--backend": "--data-backend"}
+_KIND_NAMES = {int: "an integer", float: "a number", type(None): "none"}
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message says why and what to do."""
 
@@ -81,9 +91,9 @@ class TrainingError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     """`byol-fast train` flags: --preset, --config, --set and one flag per TrainConfig field."""
-    parser = argparse.ArgumentParser(prog="byol-fast train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = CommandParser(prog="byol-fast train", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[1:]), aliases=FLAG_ALIASES)
     parser.add_argument("--preset", help=f"start from a shipped preset: {', '.join(available_presets())}")
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings applied after the preset")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -104,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _typed(name: str):
     """An argparse `type` converting a flag's text to the field's type ('none' for optional fields)."""
+    annotation = field_types()[name]
+    kinds = typing.get_args(annotation) or (annotation,)
+    expected = " or ".join(_KIND_NAMES.get(kind, kind.__name__) for kind in kinds)
+
     def convert(text: str):
-        return parse_value(name, text)
-    convert.__name__ = str(field_types()[name])
+        try:
+            return parse_value(name, text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
     return convert
 
 

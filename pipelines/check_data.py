@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from pipelines.command_line import CommandParser, integer
 from pipelines.decode import ImageInfo, extension_format, load_rgb, probe_image
 from pipelines.sources import DataError, ImageList, images_under, load_images, visible_subfolders
 
@@ -75,8 +76,9 @@ class DataReport:
         """One line: totals and a verdict."""
         parts = ", ".join([f"{len(self.empty_folders)} empty folder(s)"] * bool(self.empty_folders)
                           + [f"{self.counts[k]} {k}" for k in KINDS if self.counts[k]])
+        unreadable = self.counts[UNREADABLE]
         fixes = ([f"fill or remove the {len(self.empty_folders)} empty folder(s)"] * bool(self.empty_folders)
-                 + [f"delete or replace the {self.counts[UNREADABLE]} unreadable file(s)"] * bool(self.counts[UNREADABLE]))
+                 + [f"delete or replace the {unreadable} unreadable file(s)"] * bool(unreadable))
         verdict = "OK" if self.ok else f"FAIL: {' and '.join(fixes)}"
         mean_kb = self.total_bytes / max(1, self.files) / 1e3
         return (f"checked {self.files} images in {self.classes} classes under {self.root} (mean {mean_kb:.1f} KB): "
@@ -205,13 +207,13 @@ def check_data(root: str | Path, workers: int | None = None, min_size: int = 32)
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast check-data`."""
-    parser = argparse.ArgumentParser(prog="byol-fast check-data", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="byol-fast check-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="image tree root/<class>/<image> (e.g. ImageNet train/), or a 'path label' list")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=integer, default=None,
                         help="decoding processes (default: one per usable CPU, one per 256 images at most)")
-    parser.add_argument("--min-size", type=int, default=32,
+    parser.add_argument("--min-size", type=integer, default=32,
                         help="flag images whose short side is below this many pixels (default 32)")
-    parser.add_argument("--max-listed", type=int, default=100,
+    parser.add_argument("--max-listed", type=integer, default=100,
                         help="list at most this many files per issue kind (default 100; unreadable ones always)")
     return parser
 

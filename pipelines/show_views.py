@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from pipelines.command_line import CommandParser, integer
 from pipelines.factory import BACKENDS, build_train_loader
 from pipelines.spec import RECIPES, AugmentationSpec
 
@@ -73,14 +74,14 @@ def show_views(data: str | Path, out: str | Path, backend: str = "torchvision", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="byol-fast show-views", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="byol-fast show-views", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="image folder or 'path label' list (a .beton file for --backend ffcv)")
     parser.add_argument("--backend", default="torchvision", choices=[b for b in BACKENDS if b != "views"])
     parser.add_argument("--out", default="views.png", help="PNG to write (default views.png)")
-    parser.add_argument("--pairs", type=int, default=16, help="view pairs to show (default 16)")
-    parser.add_argument("--pairs-per-row", type=int, default=4, help="pairs per row of the grid (default 4)")
-    parser.add_argument("--image-size", type=int, default=224, help="view side in pixels (default 224)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=integer, default=16, help="view pairs to show (default 16)")
+    parser.add_argument("--pairs-per-row", type=integer, default=4, help="pairs per row of the grid (default 4)")
+    parser.add_argument("--image-size", type=integer, default=224, help="view side in pixels (default 224)")
+    parser.add_argument("--seed", type=integer, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (torch and dali backends)")
     parser.add_argument("--recipe", default="official", choices=RECIPES,
                         help="what the ops mean: DeepMind's official BYOL (default) or torchvision's")

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipelines.command_line import CommandParser, integer, number
 from pipelines.sources import DataError
 
 FAMILIES = ("disk", "ring", "square", "triangle", "star", "cross", "crescent", "hexagon", "chevron", "ellipse")
@@ -366,15 +367,15 @@ def make_synthetic(root: str | Path, images: int, classes: int = DEFAULT_CLASSES
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast make-synthetic`."""
-    parser = argparse.ArgumentParser(prog="byol-fast make-synthetic", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="byol-fast make-synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="output folder (created; must be empty or a tree written by this command)")
-    parser.add_argument("--images", type=int, required=True, help="total images, train plus val")
-    parser.add_argument("--classes", type=int, default=DEFAULT_CLASSES,
+    parser.add_argument("--images", type=integer, required=True, help="total images, train plus val")
+    parser.add_argument("--classes", type=integer, default=DEFAULT_CLASSES,
                         help=f"number of classes, 1..{MAX_CLASSES} (default {DEFAULT_CLASSES})")
-    parser.add_argument("--seed", type=int, default=0, help="the tree is a pure function of the seed (default 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.0, help="share of images written to DIR/val")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95: ~120 KB per image)")
-    parser.add_argument("--workers", type=int, default=1, help="processes writing images (default 1)")
+    parser.add_argument("--seed", type=integer, default=0, help="the tree is a pure function of the seed (default 0)")
+    parser.add_argument("--val-fraction", type=number, default=0.0, help="share of images written to DIR/val")
+    parser.add_argument("--quality", type=integer, default=95, help="JPEG quality (default 95: ~120 KB per image)")
+    parser.add_argument("--workers", type=integer, default=1, help="processes writing images (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace a synthetic tree written here before")
     return parser
 

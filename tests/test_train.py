@@ -186,7 +186,8 @@ def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_while_saving_is_explain
     error = capfd.readouterr().err
     assert ("SIGINT again: already stopping, now saving the step-2 checkpoint; the run exits once its checkpoint "
             "is saved" in error)
-    assert f"stopped by SIGINT at step 2 (the last good checkpoint is {CheckpointManager(run_dir).path_for(2)})" in error
+    assert f"stopped by SIGINT at step 2 (the last good checkpoint is {run_dir / 'checkpoints' / 'step_00000002.pt'})" \
+        in error
     assert [step for step, _ in CheckpointManager(run_dir).checkpoints()] == [2]
 
 
