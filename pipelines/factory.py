@@ -13,9 +13,10 @@ data work is paid once per resume); the views source jumps there directly.
 
 How exactly a resumed run repeats the uninterrupted one: torchvision (per-image
 seeds), torch and FFCV (crops and colour drawn from seeds of epoch and rank)
-give the same views bit for bit. DALI seeds its pipeline at the epoch it is
-built, so after a resume it gives the same images in the same order with fresh
-(equally distributed) augmentations.
+give the same views bit for bit, and so does DALI: its pipeline is built and
+seeded at the start of each epoch, and a resume produces the batches before
+`start` too (tests/test_preemption.py resumes each backend mid-epoch and gets
+the uninterrupted run's weights, DALI in its CPU mode).
 """
 
 from __future__ import annotations
