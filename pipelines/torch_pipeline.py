@@ -2,7 +2,10 @@
 
 Per batch: worker threads read the file bytes (and, on CPU, decode them) one
 batch ahead; on CUDA the JPEGs are decoded together by nvjpeg
-(`torchvision.io.decode_jpeg(..., device="cuda")`). Each image is cropped twice
+(`torchvision.io.decode_jpeg(..., device="cuda")`), also a batch ahead, in a
+decode thread on a side stream: torchvision's host sync around nvjpeg holds
+that thread, and the caller's stream waits for the decode on the device, so
+the thread that launches the training step is never held. Each image is cropped twice
 on its device with boxes from `torch_aug.sample_crop_boxes` (drawn on the host,
 so slicing needs no sync) and each crop is resized to S x S by two matmuls
 with `torch_aug.resize_weights` matrices (the recipe's resampling:
@@ -107,34 +110,58 @@ def _nvjpeg_batch(datas: list[Tensor], paths: list[str], device: torch.device) -
         return decoded
 
 
-def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device,
-                     pool: ThreadPoolExecutor | None = None) -> list[Tensor]:
-    """Decode a batch of file bytes to [3, H, W] uint8 RGB tensors on `device`.
+def decode_async(datas: list[Tensor], paths: list[str], device: torch.device,
+                 pool: ThreadPoolExecutor | None = None) -> tuple[list[Tensor], torch.cuda.Event | None]:
+    """Decode a batch of file bytes to [3, H, W] uint8 RGB tensors on `device`, without touching the caller's
+    stream: returns the images and, on CUDA, the event after which they are written (see `hand_over`).
 
     On CUDA the 1/3-channel JPEGs go to nvjpeg in one batched call (image by
     image if the batch call fails, so one odd file cannot sink the batch); the
     rest, and everything on CPU, go through `decode_cpu` (in `pool` if given).
+    torchvision holds the calling thread until nvjpeg is done (it synchronizes
+    with its own stream), so the pipeline calls this from its decode thread.
     """
     out: list[Tensor | None] = [None] * len(datas)
     on_gpu = [device.type == "cuda" and _gpu_decodable(d) for d in datas]
     gpu_ids = [i for i, flag in enumerate(on_gpu) if flag]
-    if gpu_ids:
-        # torchvision allocates nvjpeg's outputs on the current stream but writes them on its own stream
-        # without waiting for ours: memory that kernels still queued on our stream read or write (the
-        # host runs ahead of the GPU) could be handed to nvjpeg and overwritten. Decoding under a stream
-        # of our own draws the outputs from that stream's pool, which ours never frees into.
-        consumer, decoder = torch.cuda.current_stream(device), _decode_stream(device)
-        with torch.cuda.stream(decoder):
-            decoded = _nvjpeg_batch([datas[i] for i in gpu_ids], [paths[i] for i in gpu_ids], device)
-        consumer.wait_stream(decoder)
-        for i, image in zip(gpu_ids, decoded):
-            image.record_stream(consumer)  # not reused by the decoder stream before our kernels are done
-            out[i] = image
     cpu_ids = [i for i, flag in enumerate(on_gpu) if not flag]
     mapper = pool.map if pool is not None else map
-    for i, image in zip(cpu_ids, mapper(decode_cpu, [datas[i] for i in cpu_ids], [paths[i] for i in cpu_ids])):
-        out[i] = image.to(device)
-    return out  # type: ignore[return-value]
+    if device.type != "cuda":
+        for i, image in zip(cpu_ids, mapper(decode_cpu, [datas[i] for i in cpu_ids], [paths[i] for i in cpu_ids])):
+            out[i] = image
+        return out, None  # type: ignore[return-value]
+    # torchvision allocates nvjpeg's outputs on the current stream but writes them on its own stream
+    # without waiting for ours: memory that kernels still queued on our stream read or write (the
+    # host runs ahead of the GPU) could be handed to nvjpeg and overwritten. Decoding under a stream
+    # of our own draws the outputs from that stream's pool, which ours never frees into.
+    decoder = _decode_stream(device)
+    with torch.cuda.stream(decoder):
+        if gpu_ids:
+            decoded = _nvjpeg_batch([datas[i] for i in gpu_ids], [paths[i] for i in gpu_ids], device)
+            for i, image in zip(gpu_ids, decoded):
+                out[i] = image
+        for i, image in zip(cpu_ids, mapper(decode_cpu, [datas[i] for i in cpu_ids], [paths[i] for i in cpu_ids])):
+            out[i] = image.to(device)
+        written = torch.cuda.Event()
+        written.record(decoder)
+    return out, written  # type: ignore[return-value]
+
+
+def hand_over(images: list[Tensor], written: torch.cuda.Event | None, device: torch.device) -> list[Tensor]:
+    """Gives `decode_async`'s images to the calling thread's current stream: that stream waits for `written` on
+    the device (the host does not wait), and the images' memory is not reused before its queued work is done."""
+    if written is not None:
+        consumer = torch.cuda.current_stream(device)
+        consumer.wait_event(written)
+        for image in images:
+            image.record_stream(consumer)
+    return images
+
+
+def decode_to_device(datas: list[Tensor], paths: list[str], device: torch.device,
+                     pool: ThreadPoolExecutor | None = None) -> list[Tensor]:
+    """`decode_async` for use on the calling thread's current stream (see `hand_over`)."""
+    return hand_over(*decode_async(datas, paths, device, pool), device)
 
 
 class TorchImagePipeline:
@@ -163,6 +190,9 @@ class TorchImagePipeline:
         self._indices(0)
         self.augment = TorchTwoViewAugment(spec, self.device, dtype)
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="byol-read")
+        # One thread decodes each batch (in order) while the caller works on the one before: nvjpeg's host
+        # sync then holds this thread, not the one that launches the training step.
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="byol-decode")
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -177,7 +207,8 @@ class TorchImagePipeline:
         return self.batches(self.epoch)
 
     def close(self) -> None:
-        """Stop the reader threads."""
+        """Stop the reader and decode threads."""
+        self._decoder.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     def _indices(self, epoch: int) -> np.ndarray:
@@ -189,9 +220,18 @@ class TorchImagePipeline:
         data = read_bytes(path)
         return data if self.device.type == "cuda" else decode_cpu(data, path)
 
-    def _load(self, paths: list[str]) -> list[Future]:
-        """Start reading (and on CPU decoding) a batch in the worker threads, one task per file."""
-        return [self._pool.submit(self._read, path) for path in paths]
+    def _load(self, paths: list[str]) -> Future:
+        """Start reading a batch in the worker threads (one task per file; on CPU they decode too) and decoding
+        it in the decode thread; the future holds `decode_async`'s (images, event)."""
+        reads = [self._pool.submit(self._read, path) for path in paths]
+        return self._decoder.submit(self._decode_ahead, reads, paths)
+
+    def _decode_ahead(self, reads: list[Future], paths: list[str]) -> tuple[list[Tensor], torch.cuda.Event | None]:
+        """In the decode thread: a batch's bytes, decoded on the device's decode stream (CUDA) or as read (CPU)."""
+        loaded = [future.result() for future in reads]
+        if self.device.type != "cuda":
+            return loaded, None  # the read threads decoded them
+        return decode_async(loaded, paths, self.device, self._pool)
 
     def batches(self, epoch: int, out: tuple[Tensor, Tensor] | None = None
                 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -205,14 +245,11 @@ class TorchImagePipeline:
         crop_seed, colour_seed = epoch_seeds(self.seed, epoch, self.rank)
         box_generator = torch.Generator().manual_seed(crop_seed)
         colour_generator = torch.Generator(device=self.device).manual_seed(colour_seed)
-        pending = self._load([self.images.files[i] for i in chunks[0]]) if chunks else []
+        pending = self._load([self.images.files[i] for i in chunks[0]]) if chunks else None
         for step, chunk in enumerate(chunks):
-            paths = [self.images.files[i] for i in chunk]
-            loaded = [future.result() for future in pending]
+            decoded = hand_over(*pending.result(), self.device)  # no host sync: the stream waits on the event
             if step + 1 < len(chunks):
                 pending = self._load([self.images.files[i] for i in chunks[step + 1]])
-            decoded = (decode_to_device(loaded, paths, self.device, self._pool)
-                       if self.device.type == "cuda" else loaded)
             crops = self._crop_pairs(decoded, box_generator)
             targets = out if out is not None and len(chunk) == self.batch_size else (None, None)
             view1, view2 = (self.augment.colour(crops[v], v, colour_generator, out=targets[v]) for v in (0, 1))
