@@ -14,6 +14,11 @@ Ten lines inside your own loop:
         optimizer.step()
         learner.update_target()
     torchvision.models.resnet50().load_state_dict(learner.encoder_state_dict())
+
+Initialisation (`init`): "official" (default) as DeepMind's BYOL networks: the
+last BatchNorm scale of every residual block starts at zero, so each block
+starts as its shortcut, and the final Linear of projector and predictor has
+no bias; "torchvision" keeps torchvision's and nn.Linear's defaults.
 """
 
 from __future__ import annotations
@@ -28,22 +33,39 @@ from torch import Tensor, nn
 from byol_fast.ema import ema_update_
 
 TORCHVISION_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+INITS = ("official", "torchvision")
+"""Network initialisations (module docstring)."""
+SMALL_STEM = "conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False); maxpool = nn.Identity()"
+"""The small-image stem, as code: what build_encoder(name, small_stem=True) changes in torchvision's ResNet."""
 
 
-def build_encoder(name: str) -> nn.Module:
-    """A randomly initialized torchvision ResNet by name."""
+def build_encoder(name: str, small_stem: bool = False, zero_init_residual: bool = False) -> nn.Module:
+    """A randomly initialized torchvision ResNet by name: the model an encoder's weights load into strictly.
+
+    small_stem: for 32-96 px images, solo-learn's CIFAR stem (SMALL_STEM):
+    a 3x3 stride-1 first convolution and no max-pool instead of the 7x7
+    stride-2 convolution and max-pool that shrink ImageNet images 4x. The
+    new convolution is initialized as torchvision initializes every other.
+    zero_init_residual: the official BYOL init of the residual blocks
+    (torchvision's flag of that name).
+    """
     if name not in TORCHVISION_ENCODERS:
         raise ValueError(f"unknown encoder {name!r}: use one of {', '.join(TORCHVISION_ENCODERS)}, or pass an nn.Module")
-    return getattr(torchvision.models, name)(weights=None)
+    net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)  # solo-learn's padding
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    return net
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's projector/predictor: Linear -> BatchNorm -> ReLU -> Linear."""
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, final_bias: bool = True) -> nn.Sequential:
+    """BYOL's projector/predictor: Linear -> BatchNorm -> ReLU -> Linear (without bias in the official init)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
         nn.BatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
+        nn.Linear(hidden_dim, out_dim, bias=final_bias),
     )
 
 
@@ -115,6 +137,12 @@ class BYOL(nn.Module):
         prediction_hidden_size: hidden width of the predictor (4096 in BYOL).
         tau: initial EMA coefficient, kept in the 0-dim buffer `self.tau` that a
             schedule overwrites in place.
+        init: "official" (DeepMind's: zero last BatchNorm scale in each residual
+            block of an encoder built by name, no bias on the final Linear of
+            projector and predictor) or "torchvision" (library defaults). A
+            module passed as `net` keeps its own weights either way.
+        small_stem: build the named ResNet with the small-image stem
+            (build_encoder); for a module, build it so yourself.
     """
 
     def __init__(
@@ -126,10 +154,18 @@ class BYOL(nn.Module):
         projection_hidden_size: int = 4096,
         prediction_hidden_size: int = 4096,
         tau: float = 0.996,
+        init: str = "official",
+        small_stem: bool = False,
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not an initialisation: use one of {', '.join(INITS)}")
+        official = init == "official"
         if isinstance(net, str):
-            net = build_encoder(net)
+            net = build_encoder(net, small_stem=small_stem, zero_init_residual=official)
+        elif small_stem:
+            raise ValueError("small_stem=True needs an encoder name; for your own module, give it the stem "
+                             "yourself (e.g. byol_fast.model.build_encoder(name, small_stem=True))")
         if not isinstance(net, nn.Module):
             raise ValueError(f"net must be an nn.Module or an encoder name, got {type(net).__name__}")
         for name, size in (("image_size", image_size), ("projection_size", projection_size),
@@ -143,8 +179,9 @@ class BYOL(nn.Module):
         self.online_encoder = RepresentationEncoder(net, hidden_layer)
         representation_size, unused = self._probe_encoder(image_size)
         self._unused_encoder_parameters = unused
-        self.online_projector = mlp(representation_size, projection_hidden_size, projection_size)
-        self.online_predictor = mlp(projection_size, prediction_hidden_size, projection_size)
+        self.online_projector = mlp(representation_size, projection_hidden_size, projection_size,
+                                    final_bias=not official)
+        self.online_predictor = mlp(projection_size, prediction_hidden_size, projection_size, final_bias=not official)
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
         device = next(net.parameters(), torch.empty(0)).device
