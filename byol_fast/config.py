@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from byol_fast.model import TORCHVISION_ENCODERS
+from byol_fast.model import INITS, TORCHVISION_ENCODERS
 from pipelines.spec import AugmentationSpec, ViewSpec
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -66,6 +66,12 @@ class TrainConfig:
     """The kNN monitor's labelled bank: an even subsample of at most this many training images."""
     arch: str = "resnet50"
     """Encoder: a torchvision ResNet name."""
+    small_stem: bool = False
+    """Give the ResNet solo-learn's small-image stem (3x3 stride-1 conv1, no max-pool) for 32-96 px images;
+    `byol-fast export` records it, and its weights load into torchvision with byol_fast.model.SMALL_STEM."""
+    init: str = "official"
+    """Network initialisation: "official" (DeepMind's BYOL: zero last BatchNorm scale in each residual block,
+    no bias on the final Linear of projector and predictor) or "torchvision" (the libraries' defaults)."""
     image_size: int = 224
     """Side of each square view, in pixels."""
     global_batch: int = 4096
@@ -127,7 +133,9 @@ class TrainConfig:
     synthetic_images: int = 0
     """If > 0 and `data` does not exist (or holds a synthetic tree written with other settings or by older
     code), first write this many synthetic training images to `data` (which must then end in /train) with
-    `pipelines.synthetic.make_synthetic`. An existing image folder of your own is read as it is."""
+    `pipelines.synthetic.make_synthetic`. An existing image folder of your own is read as it is. From the
+    command line, a missing --data gets synthetic data only when it is the preset's own path or this is
+    set explicitly too (byol_fast/data_checks.py), so a mistyped path is an error."""
     synthetic_val_images: int = 0
     """Synthetic images written to the sibling /val folder alongside `synthetic_images`."""
     peak_tflops: float | None = None
@@ -148,6 +156,7 @@ class TrainConfig:
         _check_choice("data_backend", self.data_backend, BACKENDS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("init", self.init, INITS)
         if self.arch not in TORCHVISION_ENCODERS:
             raise ValueError(f"arch={self.arch!r} is not supported: use one of {', '.join(TORCHVISION_ENCODERS)}")
         _check_positive(self, "image_size", "global_batch", "accumulation_steps", "epochs", "projection_size",

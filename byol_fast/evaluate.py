@@ -35,8 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from byol_fast.checkpoint import CheckpointError
-from byol_fast.export import (check_output_path, checkpoint_arch, encoder_for_features, export_encoder,
-                              exported_metadata, load_training_checkpoint, read_encoder_weights)
+from byol_fast.export import (check_output_path, checkpoint_arch, checkpoint_small_stem, encoder_for_features,
+                              export_encoder, exported_metadata, load_training_checkpoint, read_encoder_weights)
 from byol_fast.features import (EVAL_CROP_FRACTION, Images, TransformedImages, check_crop_fraction,
                                 check_labelled_split, encode, extract_features, train_transform)
 from byol_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_settings, knn_accuracy
@@ -100,13 +100,15 @@ def load_encoder(arch: str | None, checkpoint: str | None = None, weights: str |
         state = load_training_checkpoint(checkpoint)
         arch = checkpoint_arch(state, arch)
         image_size = state.get("meta", {}).get("image_size")
-        return encoder_for_features(arch, export_encoder(state["model"]), f"the encoder in {checkpoint}"), \
+        return encoder_for_features(arch, export_encoder(state["model"]), f"the encoder in {checkpoint}",
+                                    checkpoint_small_stem(state)), \
             {"arch": arch, "image_size": image_size, "source": str(checkpoint), "step": int(state["step"])}
     # An export's metadata says what the weights are and the size they were trained at; a plain torchvision
     # state_dict has none, and is taken for the usual ResNet-50 at 224.
     recorded = exported_metadata(weights)
     arch = arch or recorded.get("arch") or "resnet50"
-    encoder = encoder_for_features(arch, read_encoder_weights(weights), f"the weights in {weights}")
+    encoder = encoder_for_features(arch, read_encoder_weights(weights), f"the weights in {weights}",
+                                   bool(recorded.get("small_stem", False)))
     return encoder, {"arch": arch, "image_size": recorded.get("image_size"), "source": str(weights)}
 
 

@@ -1,6 +1,8 @@
 """`byol-fast export CKPT OUT.pt`: the trained encoder as a plain torchvision state_dict, plus metadata.
 
-The output loads with `strict=True` into `torchvision.models.<arch>()` and
+The output loads with `strict=True` into `torchvision.models.<arch>()` (for
+a run with small_stem, one whose conv1 and maxpool are swapped as
+byol_fast.model.SMALL_STEM says; `build_encoder(arch, small_stem=True)`) and
 gives the same representation as the trainer's `learner.online_encoder` (with
 `model.fc = nn.Identity()`, the 2048-d ResNet-50 avgpool feature).
 `OUT.json` beside it says what it is: arch, image size, training step, the
@@ -33,7 +35,7 @@ import torchvision
 from torch import Tensor, nn
 
 from byol_fast.checkpoint import CheckpointError, CheckpointManager
-from byol_fast.model import TORCHVISION_ENCODERS, build_encoder
+from byol_fast.model import SMALL_STEM, TORCHVISION_ENCODERS, build_encoder
 from pipelines.command_line import CommandParser
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -64,10 +66,10 @@ def export_encoder(learner_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(arch: str, small_stem: bool = False) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a torchvision arch's state_dict, built on the meta device (no memory); cached, read-only."""
     with torch.device("meta"):
-        return {key: tuple(value.shape) for key, value in build_encoder(arch).state_dict().items()}
+        return {key: tuple(value.shape) for key, value in build_encoder(arch, small_stem).state_dict().items()}
 
 
 def _matching_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> int:
@@ -84,15 +86,20 @@ def _name_some(items: list[str]) -> str:
     return shown + (f" (and {len(items) - _MAX_NAMED} more)" if len(items) > _MAX_NAMED else "")
 
 
-def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the weights") -> None:
-    """Raise EncoderMismatchError unless `state` loads strictly into torchvision's `arch`.
+def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the weights",
+                       small_stem: bool = False) -> None:
+    """Raise EncoderMismatchError unless `state` loads strictly into torchvision's `arch` (with the small stem).
 
     The message lists missing and unexpected keys, keys whose shapes differ,
     and which of TORCHVISION_ENCODERS the weights do fit, if any.
     """
-    expected = _expected_shapes(arch)
+    expected = _expected_shapes(arch, small_stem)
     if _fits(state, expected):
         return
+    if _fits(state, _expected_shapes(arch, not small_stem)):
+        stems = ("the small stem", "torchvision's stem") if small_stem else ("torchvision's stem", "the small stem")
+        raise EncoderMismatchError(f"{source} fit {arch} with {stems[1]}, not with {stems[0]}: the encoder was "
+                                   f"trained with small_stem={not small_stem} (byol_fast.model.SMALL_STEM)")
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     shapes = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected if k in state
@@ -104,11 +111,12 @@ def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the w
         parts.append(f"{len(unexpected)} unexpected key(s): {_name_some(unexpected)}")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatch(es) (weights vs {arch}): {_name_some(shapes)}")
-    matches = [name for name in TORCHVISION_ENCODERS if name != arch and _fits(state, _expected_shapes(name))]
+    matches = [name for name in TORCHVISION_ENCODERS
+               if name != arch and _fits(state, _expected_shapes(name, small_stem))]
     if matches:
         hint = f"They fit {' / '.join(matches)}: pass --arch {matches[0]}"
     else:
-        score = {name: _matching_keys(state, _expected_shapes(name)) / len(_expected_shapes(name))
+        score = {name: _matching_keys(state, _expected_shapes(name, small_stem)) / len(_expected_shapes(name))
                  for name in TORCHVISION_ENCODERS}
         closest = max(score, key=score.get)
         hint = (f"They fit none of {', '.join(TORCHVISION_ENCODERS)}; closest is {closest} "
@@ -156,6 +164,11 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
                                   f"checkpoint: it needs no export; pass it to `byol-fast eval` with --weights") \
                 from error
         raise
+
+
+def checkpoint_small_stem(state: dict[str, Any]) -> bool:
+    """Whether the checkpoint's run gave the encoder the small-image stem (its config's small_stem)."""
+    return bool(state.get("config", {}).get("small_stem", False))
 
 
 def checkpoint_arch(state: dict[str, Any], arch: str | None) -> str:
@@ -272,12 +285,16 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, arch: str | No
     state = load_training_checkpoint(checkpoint)
     arch = checkpoint_arch(state, arch)
     encoder = export_encoder(state["model"])
-    check_encoder_fits(encoder, arch, f"the encoder weights in {checkpoint}")
+    small_stem = checkpoint_small_stem(state)
+    check_encoder_fits(encoder, arch, f"the encoder weights in {checkpoint}", small_stem)
     config = state.get("config", {})
     provenance, provenance_source = training_provenance(state, checkpoint)
+    model = f"torchvision.models.{arch}()" + (f" with {SMALL_STEM}" if small_stem else "")
     metadata = {
-        "format": f"torchvision.models.{arch}() state_dict (load with strict=True)",
+        "format": f"{model} state_dict (load with strict=True; byol_fast.model.build_encoder({arch!r}, "
+                  f"small_stem={small_stem}) builds that model)",
         "arch": arch,
+        "small_stem": small_stem,
         "image_size": state.get("meta", {}).get("image_size", config.get("image_size")),
         "representation": "avgpool output (set model.fc = torch.nn.Identity() to read it)",
         "mean": list(IMAGENET_MEAN),
@@ -323,10 +340,12 @@ def read_encoder_weights(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def encoder_for_features(arch: str, state: dict[str, Tensor], source: str = "the weights") -> nn.Module:
-    """torchvision `arch` with `state` loaded strictly and `fc` replaced by Identity: images -> representation."""
-    check_encoder_fits(state, arch, source)
-    net = build_encoder(arch)
+def encoder_for_features(arch: str, state: dict[str, Tensor], source: str = "the weights",
+                         small_stem: bool = False) -> nn.Module:
+    """torchvision `arch` (with the small stem) with `state` loaded strictly and `fc` replaced by Identity:
+    images -> representation."""
+    check_encoder_fits(state, arch, source, small_stem)
+    net = build_encoder(arch, small_stem)
     net.load_state_dict(state, strict=True)
     net.fc = nn.Identity()
     return net

@@ -333,7 +333,8 @@ def mfu(images_per_second: float, flops_per_image: float, peak_flops: float) -> 
 
 @functools.lru_cache(maxsize=None)
 def byol_step_flops_per_image(arch: str, image_size: int, *, projection_size: int = 256,
-                              projection_hidden_size: int = 4096, prediction_hidden_size: int = 4096) -> float:
+                              projection_hidden_size: int = 4096, prediction_hidden_size: int = 4096,
+                              small_stem: bool = False) -> float:
     """FLOPs of one BYOL training step per source image (two views), counted, not guessed.
 
     Runs a real BYOL forward (online and target on both views) and backward at batch 2
@@ -341,6 +342,7 @@ def byol_step_flops_per_image(arch: str, image_size: int, *, projection_size: in
     counts online forward+backward (~3x forward) and target forward (1x) per view, as
     executed: the first convolution's input gradient, never computed, is not counted.
     Optimizer, EMA and BatchNorm are elementwise and left out. ResNet-50 at 224: ~65.1e9.
+    A small-image stem (no stride, no max-pool) multiplies every later layer's cost by ~16.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -349,7 +351,8 @@ def byol_step_flops_per_image(arch: str, image_size: int, *, projection_size: in
     batch = 2  # BatchNorm needs more than one sample per view in training mode
     with torch.device("meta"), torch.enable_grad():
         learner = BYOL(arch, image_size=image_size, projection_size=projection_size,
-                       projection_hidden_size=projection_hidden_size, prediction_hidden_size=prediction_hidden_size)
+                       projection_hidden_size=projection_hidden_size, prediction_hidden_size=prediction_hidden_size,
+                       small_stem=small_stem)
         views = [torch.randn(batch, 3, image_size, image_size) for _ in range(2)]
         counter = FlopCounterMode(display=False)
         with counter:

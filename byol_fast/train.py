@@ -70,9 +70,9 @@ from pipelines.synthetic import make_synthetic, stale_reason
 EXIT_FAILED, EXIT_USAGE = 1, 2  # and stop_signals' EXIT_OK (0) and EXIT_INTERRUPTED (130)
 # Settings a resumed run must share with its checkpoint: they fix the model's shape, the schedules
 # and what "batch b of epoch e" means. The world size may change (checkpoints are rank-agnostic).
-RESUME_KEYS = ("arch", "image_size", "projection_size", "projection_hidden_size", "prediction_hidden_size",
-               "global_batch", "epochs", "warmup_epochs", "base_lr", "weight_decay", "momentum", "eta",
-               "tau_base", "seed")
+RESUME_KEYS = ("arch", "small_stem", "init", "image_size", "projection_size", "projection_hidden_size",
+               "prediction_hidden_size", "global_batch", "epochs", "warmup_epochs", "base_lr", "weight_decay",
+               "momentum", "eta", "tau_base", "seed")
 
 
 # Flags of other trainers that people type out of habit, and what they are called here.
@@ -220,7 +220,8 @@ class Trainer:
         per_rank_batch = config.global_batch // info.world_size
         learner = BYOL(config.arch, image_size=config.image_size, hidden_layer="avgpool",
                        projection_size=config.projection_size, projection_hidden_size=config.projection_hidden_size,
-                       prediction_hidden_size=config.prediction_hidden_size, tau=config.tau_base).to(device)
+                       prediction_hidden_size=config.prediction_hidden_size, tau=config.tau_base, init=config.init,
+                       small_stem=config.small_stem).to(device)
         if info.distributed:
             learner = convert_sync_batchnorm(learner, device)
             broadcast_module(learner, info)
@@ -260,7 +261,7 @@ class Trainer:
         self.flops_per_image = byol_step_flops_per_image(
             config.arch, config.image_size, projection_size=config.projection_size,
             projection_hidden_size=config.projection_hidden_size,
-            prediction_hidden_size=config.prediction_hidden_size) if info.is_main else 0.0
+            prediction_hidden_size=config.prediction_hidden_size, small_stem=config.small_stem) if info.is_main else 0.0
         measure_peak = device.type == "cuda" and info.is_main
         peak = config.peak_tflops or (measure_matmul_flops(device) / 1e12 if measure_peak else None)
         self.peak_flops = peak * 1e12 if peak else None

@@ -14,14 +14,17 @@ from byol_fast import BYOL, LARS
 from byol_fast.checkpoint import CheckpointError, CheckpointManager
 from byol_fast.evaluate import load_encoder
 from byol_fast.export import EncoderMismatchError, check_encoder_fits, export_encoder, main, read_encoder_weights
+from byol_fast.model import SMALL_STEM, build_encoder
 from byol_fast.run_log import provenance
 
 SIZE = 32
 
 
-def trained_learner() -> tuple[BYOL, LARS]:
-    """A resnet18 learner after one real step, so weights and BatchNorm statistics are no longer at init."""
-    learner = BYOL("resnet18", image_size=SIZE, projection_hidden_size=64, prediction_hidden_size=64)
+def trained_learner(small_stem: bool = False) -> tuple[BYOL, LARS]:
+    """A resnet18 learner (official init) after one real step, so weights and BatchNorm statistics are no longer
+    at init."""
+    learner = BYOL("resnet18", image_size=SIZE, projection_hidden_size=64, prediction_hidden_size=64,
+                   small_stem=small_stem)
     optimizer = LARS(learner.trainable_parameters(), lr=0.5)
     loss = learner(torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE))
     loss.backward()
@@ -247,3 +250,36 @@ def test_exported_encoder_or_folder_passed_as_checkpoint(run, exported, tmp_path
             load_encoder(None, checkpoint=str(folder))
     with pytest.raises(CheckpointError, match="is a directory: pass a .pt file inside it, none is there"):
         load_encoder(None, checkpoint=str(tmp_path))
+
+
+def test_small_stem_export_says_how_to_load_it_and_eval_reads_it(tmp_path):
+    torch.manual_seed(1)
+    learner, optimizer = trained_learner(small_stem=True)
+    config = {"arch": "resnet18", "image_size": SIZE, "small_stem": True}
+    checkpoint = CheckpointManager(tmp_path / "run").save(2, checkpoint_state(learner, optimizer, config))
+    output = tmp_path / "encoder.pt"
+    assert main([str(checkpoint), str(output)]) == 0
+    metadata = json.loads(output.with_suffix(".json").read_text())
+    assert metadata["small_stem"] is True and SMALL_STEM in metadata["format"]
+    assert "build_encoder('resnet18', small_stem=True)" in metadata["format"]
+    state = torch.load(output, weights_only=True)
+    # The format's recipe, by hand: torchvision's resnet18 with conv1 and maxpool swapped.
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    net.maxpool = nn.Identity()
+    net.load_state_dict(state, strict=True)
+    net.fc = nn.Identity()
+    images = torch.randn(3, 3, SIZE, SIZE)
+    learner.online_encoder.eval()
+    with torch.no_grad():
+        expected = learner.online_encoder(images)
+        assert torch.equal(net.eval()(images), expected)
+        for source in (dict(weights=str(output)), dict(checkpoint=str(checkpoint))):  # eval reads the stem too
+            assert torch.equal(load_encoder(None, **source)[0].eval()(images), expected)
+    bare = tmp_path / "bare.pt"  # without its .json nothing says small_stem: the message does
+    bare.write_bytes(output.read_bytes())
+    with pytest.raises(EncoderMismatchError, match=r"fit resnet18 with the small stem, not with torchvision's stem: "
+                                                   r"the encoder was trained with small_stem=True"):
+        load_encoder("resnet18", weights=str(bare))
+    check_encoder_fits(state, "resnet18", small_stem=True)
+    build_encoder("resnet18", small_stem=True).load_state_dict(state, strict=True)

@@ -263,6 +263,9 @@ def test_flops_match_layer_shapes_and_design_figure():
     assert 25e9 < resnet18 < 32e9  # ~8x a 1.8 GMAC forward
     ratio = resnet18 / byol_step_flops_per_image("resnet18", 112)
     assert 3.6 < ratio < 4.0  # quadratic in the side, less the size-independent MLPs
+    # A small-image stem keeps the 4x4 downsampling of conv1 and the max-pool out: ~16x the area after it.
+    small = byol_step_flops_per_image("resnet18", 32, small_stem=True) / byol_step_flops_per_image("resnet18", 32)
+    assert 15 < small < 18.5
     before = byol_step_flops_per_image.cache_info().hits
     assert byol_step_flops_per_image("resnet50", 224) == resnet50
     assert byol_step_flops_per_image.cache_info().hits == before + 1
