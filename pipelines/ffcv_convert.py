@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.command_line import CommandParser, integer, number
 from pipelines.decode import CorruptImageError, load_rgb
 from pipelines.sources import DataError, ImageList, load_images
 
@@ -199,19 +200,19 @@ def convert_to_beton(images: ImageList, out_path: str | Path, max_resolution: in
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of `byol-fast convert-ffcv`."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="byol-fast convert-ffcv",
         description="Convert an image folder (root/<class>/<image>) or a 'path label' list file to an FFCV .beton.")
     parser.add_argument("source", help="image folder with one sub-folder per class, or a 'path label' list file")
     parser.add_argument("output", help="the .beton file to write")
-    parser.add_argument("--max-resolution", type=int, default=DEFAULT_MAX_RESOLUTION,
+    parser.add_argument("--max-resolution", type=integer, default=DEFAULT_MAX_RESOLUTION,
                         help="downscale so the longer side is at most this (default %(default)s)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default %(default)s)")
+    parser.add_argument("--quality", type=integer, default=90, help="JPEG quality 1..100 (default %(default)s)")
     parser.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
                         help="jpg: JPEG (small); raw: pixels (big, no decode); proportion: a random mix")
-    parser.add_argument("--compress-probability", type=float, default=0.5,
+    parser.add_argument("--compress-probability", type=number, default=0.5,
                         help="JPEG share for --write-mode proportion (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=-1, help="writer processes (default: one per CPU)")
+    parser.add_argument("--workers", type=integer, default=-1, help="writer processes (default: one per CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave unreadable images out (listed in OUTPUT.skipped.txt) instead of failing")

@@ -43,6 +43,7 @@ from pipelines.device import concrete_device
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec, ViewSpec
 from pipelines.torch_aug import TorchTwoViewAugment
+from pipelines.worker_signals import leave_stop_signals_to_parent
 
 
 def build_view_transform(spec: AugmentationSpec, view: ViewSpec) -> v2.Compose:
@@ -194,6 +195,7 @@ class TorchvisionTwoViewLoader:
                                   pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                   drop_last=drop_last,
                                   prefetch_factor=4 if workers > 0 else None,
+                                  worker_init_fn=leave_stop_signals_to_parent,  # the trainer handles stops
                                   # Its own generator: DataLoader draws worker base seeds from it, not from
                                   # the caller's global RNG (samples are seeded per image anyway).
                                   generator=torch.Generator())
