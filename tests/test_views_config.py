@@ -86,3 +86,24 @@ def test_training_uses_and_records_the_views(tmp_path: Path):
     resolved = recorded["resolved"]["views"]
     assert resolved["recipe"] == "torchvision" and resolved["image_size"] == 32
     assert (resolved["view1"]["solarize_prob"], resolved["view2"]["solarize_prob"]) == (0.0, 0.5)
+
+
+def test_small_images_preset_trains_with_its_stem_and_views(tmp_path: Path):
+    """The small-image preset as documented (solo-learn's CIFAR recipe), shrunk to a few CPU steps."""
+    make_synthetic(tmp_path / "data", images=16, classes=4)
+    run_dir = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = train.main(["--preset", "small-images", "--data", str(tmp_path / "data" / "train"), "--global-batch",
+                           "8", "--max-steps", "2", "--projection-hidden-size", "32", "--prediction-hidden-size",
+                           "32", "--workers", "0", "--no-tensorboard", "--device", "cpu", "--run-dir", str(run_dir)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert recorded["small_stem"] is True and recorded["image_size"] == 32 and recorded["eta"] == 0.02
+    views = recorded["resolved"]["views"]
+    assert (views["view1"]["blur_prob"], views["view2"]["blur_prob"], views["view2"]["solarize_prob"]) == (0, 0, 0.2)
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in steps if "loss" in line][-1] == 2
