@@ -12,8 +12,9 @@ setup(
     packages=find_packages(include=["byol_fast", "byol_fast.*", "pipelines", "pipelines.*"]),
     package_data={"byol_fast": ["presets/*.toml"]},
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        # The floor CI tests (.ci/run, a venv with exactly these), the lent GPU machine's versions.
+        "torch>=2.11",
+        "torchvision>=0.26",
         "numpy",
         "pillow",
         "tensorboard",
@@ -25,6 +26,8 @@ setup(
         "ffcv": ["ffcv==1.0.2"],
         # scikit-learn: reference solutions and the real images (load_digits) of the tests.
         "dev": ["pytest", "pytest-timeout", "scikit-learn"],
+        # The benchmarks' plots (matplotlib) and their CPU accounting of loader processes (psutil).
+        "bench": ["matplotlib", "psutil"],
     },
     entry_points={"console_scripts": ["byol-fast=byol_fast.cli:main"]},
 )
