@@ -374,6 +374,8 @@ def render_markdown(document: dict[str, Any]) -> str:
         lines.append(f"- measured peak: {peak['flops'] / 1e12:.3g} TFLOP/s ({peak['matmul']} {peak['dtype']} matmul); "
                      "MFU is against it")
     lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in document["settings"].items()))
+    if document.get("cut"):
+        lines.append(f"- **cut short**: {document['cut']['reason']}; rows not listed were not measured")
     lines += ["", "| " + " | ".join(c["header"] for c in document["columns"]) + " |",
               "|" + "---|" * len(document["columns"])]
     for row in document["rows"]:
@@ -391,13 +393,12 @@ def plotting_available() -> bool:
 
 
 def write_plot(document: dict[str, Any], path: Path) -> Path | None:
-    """Writes the document's bar chart to `path`; None when matplotlib is missing or no row is "ok"."""
+    """Writes the document's bar chart to `path` (None when matplotlib is missing). A document with no "ok" row
+    still gets a figure that says so, so every result page has its PNG and a gap in a sweep is visible there."""
     if not plotting_available():
         return None
     spec = document["plot"]
     rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get(spec["value"]) is not None]
-    if not rows:
-        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,6 +409,9 @@ def write_plot(document: dict[str, Any], path: Path) -> Path | None:
     ax.bar(range(len(rows)), [r[spec["value"]] for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(spec["ylabel"])
+    if not rows:
+        why = "cut short: " + document["cut"]["reason"] if document.get("cut") else "no row measured"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, wrap=True)
     sha = ((document["provenance"].get("git") or {}).get("sha") or "unknown")[:10]
     ax.set_title(f"{spec['title']}\n{document['device']['name']}, git {sha}, {document['started_utc']}", fontsize=9)
     fig.tight_layout()

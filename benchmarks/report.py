@@ -67,15 +67,23 @@ def verdict(measured: float, target: float, higher_is_better: bool = True) -> st
 
 def source(document: dict) -> str:
     """Where a number comes from: the device and the result file."""
-    return f"{document['device']['name']}, [{document['_file']}](benchmarks/results/{document['_file']})"
+    cut = " (cut short)" if document.get("cut") else ""
+    return f"{document['device']['name']}, [{document['_file']}](benchmarks/results/{document['_file']}){cut}"
+
+
+def fastest(documents: list[dict], benchmarks: tuple[str, ...], **match: Any) -> tuple[dict | None, dict | None]:
+    """The fastest "ok" row matching `match` in the newest GPU result of each of `benchmarks` (the sweep's, and
+    the one dali_wheel_parts.sh measures in a later call), with its document."""
+    candidates = [(row, document) for name in benchmarks if (document := latest(documents, name, True))
+                  for row in ok_rows(document, **match)]
+    return max(candidates, key=lambda pair: pair[0]["images_per_s"], default=(None, None))
 
 
 def gpu_rows(documents: list[dict]) -> list[list[str]]:
     """The target rows: [measure, target, measured, verdict, source]."""
-    e2e, peers = latest(documents, "e2e", True), latest(documents, "peers", True)
-    pipeline, step = latest(documents, "pipeline", True), latest(documents, "step", True)
-    rows = []
-    best = max(ok_rows(e2e, arch="resnet50", image_size=224), key=lambda r: r["images_per_s"], default=None)
+    peers, step = latest(documents, "peers", True), latest(documents, "step", True)
+    rows = [gpu_tests_row(latest(documents, "cuda-tests", True))]
+    best, e2e = fastest(documents, ("e2e", "e2e-dali"), arch="resnet50", image_size=224)
     e2e_name = "End-to-end ResNet-50 BYOL at 224 from JPEGs, images/s per GPU"
     wait_name = "Data wait in the end-to-end loop (GPU idle for data)"
     if best:
@@ -89,7 +97,7 @@ def gpu_rows(documents: list[dict]) -> list[list[str]]:
                  [wait_name, f"< {DATA_WAIT_TARGET:.0f}%", NOT_MEASURED, "—", "—"]]
     rows += peer_rows(peers)
     pipe_name = "Data pipeline speed over the step's (best backend / bf16+graph step)"
-    fastest_pipe = max(ok_rows(pipeline, image_size=224), key=lambda r: r["images_per_s"], default=None)
+    fastest_pipe, pipeline = fastest(documents, ("pipeline", "pipeline-dali"), image_size=224)
     step_row = None
     if fastest_pipe:
         step_row = next(iter(ok_rows(step, arch="resnet50", image_size=224, batch=fastest_pipe["batch"],
@@ -102,10 +110,33 @@ def gpu_rows(documents: list[dict]) -> list[list[str]]:
                      verdict(ratio, PIPELINE_TARGET), f"{source(pipeline)}; {source(step)}"])
     else:
         rows.append([pipe_name, f">= {PIPELINE_TARGET}x", NOT_MEASURED, "—", "—"])
+    rows += decode_crop_rows(latest(documents, "decode-crop", True))
     for graph in ok_rows(step, arch="resnet50", image_size=224, variant="bf16+graph"):
         rows.append([f"Step alone, ResNet-50 at 224, batch {graph['batch']} (bf16+graph)", "—",
                      f"{graph['images_per_s']:,.0f} ({graph['mfu']:.1%} MFU)", "—", source(step)])
     return rows
+
+
+def gpu_tests_row(tests: dict | None) -> list[str]:
+    """The GPU tests' outcome counts; met when every collected test ran and none failed."""
+    name = "GPU tests (`pytest -m cuda`), first in the sweep"
+    if tests is None:
+        return [name, "all pass", NOT_MEASURED, "—", "—"]
+    counts: dict[str, int] = {}
+    for row in tests["rows"]:
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
+    measured = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    bad = counts.get("failed", 0) + counts.get("not run", 0)
+    met = "met" if bad == 0 and counts.get("passed") else f"missed: {bad} failed or not run"
+    return [name, "all pass", measured or "no tests collected", met, source(tests)]
+
+
+def decode_crop_rows(document: dict | None) -> list[list[str]]:
+    """The torch backend's decode and crop stages alone: GPU time against the time they hold the host."""
+    return [[f"Torch backend's {row['stage']} alone, batch {row['batch']} (GPU ms / host ms per batch)", "—",
+             f"{row['gpu_ms']:.1f} / {row['host_ms']:.1f} ms ({row['images_per_s']:,.0f} images/s"
+             + (f", {row['kernels']:,} kernels" if row.get("kernels") else "") + ")", "—", source(document)]
+            for row in ok_rows(document)]
 
 
 PEER_BASELINES = {"byol-pytorch aug-off": "as its README runs it (fp32 eager)",
@@ -165,38 +196,39 @@ def replace_between_markers(text: str, table: str, path: Path, markers: tuple[st
     return text[:start + len(first)] + "\n" + table + text[end:]
 
 
-def rebuild_pages(documents: list[dict], results_dir: Path) -> list[Path]:
-    """Rewrites each result's .md (and .png when matplotlib is installed) and results/index.md."""
-    written = []
-    for document in documents:
-        stem = Path(results_dir) / Path(document["_file"]).stem
-        page = {k: v for k, v in document.items() if k != "_file"}
-        stem.with_suffix(".md").write_text(render_markdown(page), encoding="utf-8")
-        written.append(stem.with_suffix(".md"))
-        png = write_plot(page, stem.with_suffix(".png"))
-        if png is not None:
-            written.append(png)
+def write_page(document: dict, results_dir: Path) -> list[Path]:
+    """Rewrites one result's .md (and .png when matplotlib is installed) from its JSON document."""
+    stem = Path(results_dir) / Path(document["_file"]).stem
+    page = {k: v for k, v in document.items() if k != "_file"}
+    stem.with_suffix(".md").write_text(render_markdown(page), encoding="utf-8")
+    png = write_plot(page, stem.with_suffix(".png"))
+    return [stem.with_suffix(".md")] + ([png] if png is not None else [])
+
+
+def write_index(documents: list[dict], results_dir: Path) -> Path:
+    """Rewrites results/index.md: the target table and a line per result."""
     lines = ["# Benchmark results", "", "Targets against the newest GPU measurements "
              "(regenerated by `python -m benchmarks.report`):", "",
              perf_table(documents).replace("](benchmarks/results/", "]("), "All results:", ""]
     lines += [f"- [{d['_file']}]({d['_file']}): {d['title']}, {d['device']['name']}, {d['started_utc']}"
-              for d in documents]
+              + (" (cut short)" if d.get("cut") else "") for d in documents]
     index = Path(results_dir) / "index.md"
     index.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return written + [index]
+    return index
 
 
-def mark_cut(results_dir: Path, benchmark: str, seconds: int) -> list[Path]:
-    """Adds a note to the `benchmark` results in `results_dir` that a time cap stopped their run early."""
-    marked = []
-    for document in load_results(results_dir):
-        if document["benchmark"] == benchmark:
-            path = Path(results_dir) / document.pop("_file")
-            document["notes"].append(f"The sweep's {seconds} s cap for this benchmark stopped it here: rows not "
-                                     "listed were not measured.")
-            path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-            marked.append(path)
-    return marked
+def rebuild_pages(documents: list[dict], results_dir: Path) -> list[Path]:
+    """Rewrites each result's .md (and .png when matplotlib is installed) and results/index.md."""
+    written = [path for document in documents for path in write_page(document, results_dir)]
+    return written + [write_index(documents, results_dir)]
+
+
+def mark_cut(path: Path, reason: str) -> None:
+    """Records in a result's JSON that a time cap stopped its run early (`reason` says which and when): a "cut"
+    field that the pages, the plot and the README table show."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    document["cut"] = {"reason": reason}
+    Path(path).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,13 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not touch the README")
     parser.add_argument("--no-pages", action="store_true", help="do not rewrite results/*.md, *.png, index.md")
     parser.add_argument("--print", action="store_true", help="print the performance table on stdout")
-    parser.add_argument("--mark-cut", metavar="BENCHMARK:SECONDS", default=None,
-                        help="note in that benchmark's results that a time cap of SECONDS stopped it (sweep use)")
     args = parser.parse_args(argv)
-    if args.mark_cut:
-        benchmark, seconds = args.mark_cut.rsplit(":", 1)
-        for path in mark_cut(args.results, benchmark, int(seconds)):
-            print(f"marked {path} as cut short", file=sys.stderr)
     documents = load_results(args.results)
     if not args.no_pages:
         for path in rebuild_pages(documents, args.results):
