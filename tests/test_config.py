@@ -21,7 +21,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def test_shipped_presets():
-    assert available_presets() == ["demo", "imagenet-1000ep", "imagenet-300ep", "throughput"]
+    assert available_presets() == ["demo", "imagenet-1000ep", "imagenet-300ep", "small-images", "throughput"]
 
 
 @pytest.mark.parametrize("name, base_lr, weight_decay, tau_base, epochs, peak_lr", [
