@@ -49,8 +49,8 @@ from pipelines.decode import probe_image
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
 
-DEBUG_FIELDS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma", "solarize",
-                "crop_anchor", "crop_extent", "image_shape")
+DEBUG_FIELDS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "jitter_order", "gray", "blur",
+                "sigma", "solarize", "crop_anchor", "crop_extent", "image_shape")
 """Per-view draws a `debug_outputs=True` pipeline returns after (view1, view2, labels): view 1's, then view 2's."""
 
 # Torch training dtypes -> what DALI writes (it has no bfloat16: bf16 is one cast on the torch side).

@@ -1,10 +1,12 @@
 """The DALI backend, in DALI's CPU mode (GPU variants marked cuda): contract, seeds, sharding, rates, ops.
 
 Images are small JPEGs written to a tmp folder; each file's label is its index,
-so the labels a loader yields say exactly which files it read. Rate checks use
-the draws the pipeline itself returns (`debug_outputs=True`), and one test
-re-derives view 2 from view 1 with reference ops and those draws, so a draw
-that the graph ignored would fail it.
+so the labels a loader yields say exactly which files it read. Every op of both
+recipes is held to pipelines/reference.py (through pipelines.fidelity and op
+by op on the same draws); rates use the draws the pipeline itself returns
+(`debug_outputs=True`); one test re-derives view 2 from view 1 with reference
+ops and those draws, so a draw that the graph ignored would fail it; and the
+composed views' statistics are compared with views the reference makes.
 """
 
 from __future__ import annotations
@@ -16,17 +18,15 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 pytest.importorskip("nvidia.dali")
-import nvidia.dali.fn as fn  # noqa: E402
 import nvidia.dali.types as types  # noqa: E402
-from nvidia.dali import pipeline_def  # noqa: E402
 
-from pipelines import dali_ops  # noqa: E402
+from pipelines import dali_ops, fidelity, reference  # noqa: E402
 from pipelines.dali_pipeline import DEBUG_FIELDS, DaliTwoViewLoader, pipeline_seed  # noqa: E402
+from pipelines.fidelity.dali_backend import run_cpu  # noqa: E402
 from pipelines.sources import DataError, ImageList, shard_indices  # noqa: E402
-from pipelines.spec import AugmentationSpec, ViewSpec  # noqa: E402
+from pipelines.spec import RECIPES, AugmentationSpec, ViewSpec  # noqa: E402
 
 pytestmark = pytest.mark.dali
 
@@ -181,183 +181,265 @@ def _uniform_ok(values: np.ndarray, low: float, high: float) -> bool:
     width = high - low
     sem = width / math.sqrt(12 * values.size)
     return (values.min() >= low - 1e-6 and values.max() <= high + 1e-6 and abs(values.mean() - (low + high) / 2)
-            <= 4.5 * sem and values.min() < low + 0.02 * width and values.max() > high - 0.02 * width)
+            <= 4.5 * sem and values.min() < low + 0.03 * width and values.max() > high - 0.03 * width)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_rates_and_ranges_of_the_pipelines_own_draws(images, device):
-    spec = AugmentationSpec(image_size=24)
-    loader = DaliTwoViewLoader(images, spec, batch_size=NUM_IMAGES, device=device, seed=3, num_threads=2,
-                               debug_outputs=True)
-    draws = {"view1": {}, "view2": {}}
-    for _ in range(40):  # 40 epochs x 50 images = 2000 samples per view
-        for *_, debug in loader:
-            for view, fields in debug.items():
-                for name, value in fields.items():
-                    draws[view].setdefault(name, []).append(value)
+def _ks_bound(n: int, m: int) -> float:
+    """Critical value of the two-sample KS statistic at alpha = 1e-4."""
+    return math.sqrt(-math.log(1e-4 / 2) / 2) * math.sqrt((n + m) / (n * m))
+
+
+SAMPLE_EPOCHS = 20
+"""Epochs of the 50 images that `sampled` runs: 1000 samples per view."""
+
+
+@pytest.fixture(scope="module", params=RECIPES)
+def sampled(request, images) -> dict:
+    """One recipe's views at 24 px (unnormalized to [0, 1], float64 [N, 3, S, S]) and the draws behind them,
+    per view, over SAMPLE_EPOCHS epochs: what the rate and statistics tests read."""
+    spec = AugmentationSpec(image_size=24, recipe=request.param)
+    loader = DaliTwoViewLoader(images, spec, batch_size=NUM_IMAGES, device="cpu", seed=3, num_threads=2,
+                               dtype=torch.float32, debug_outputs=True)
+    views, draws = {"view1": [], "view2": []}, {"view1": {}, "view2": {}}
+    for _ in range(SAMPLE_EPOCHS):
+        for view1, view2, labels, debug in loader:
+            for name, view in (("view1", view1), ("view2", view2)):
+                views[name].append(_unnormalize(view, spec))
+                draws[name].setdefault("label", []).append(labels.numpy())
+                for field, value in debug[name].items():
+                    draws[name].setdefault(field, []).append(value)
+    return {"spec": spec, "views": {k: np.concatenate(v) for k, v in views.items()},
+            "draws": {k: {f: np.concatenate(v) for f, v in d.items()} for k, d in draws.items()}}
+
+
+def _unnormalize(view: torch.Tensor, spec: AugmentationSpec) -> np.ndarray:
+    """fp32 normalized views (N, 3, S, S) back to [0, 1] values, float64."""
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    return (view.double().cpu() * std + mean).numpy()
+
+
+def test_rates_and_ranges_of_the_pipelines_own_draws(sampled):
+    spec = sampled["spec"]
     for view_name, view in zip(("view1", "view2"), spec.views):
-        d = {name: np.concatenate(values) for name, values in draws[view_name].items()}
-        assert d["flip"].size == 2000
+        d = sampled["draws"][view_name]
+        assert d["flip"].size == SAMPLE_EPOCHS * NUM_IMAGES
         assert _binomial_ok(d["flip"], view.flip_prob)
         assert _binomial_ok(d["jitter"], view.color_jitter_prob)
         assert _binomial_ok(d["gray"], view.grayscale_prob)
         assert _binomial_ok(d["blur"], view.blur_prob)
         assert _binomial_ok(d["solarize"], view.solarize_prob)
-        assert _uniform_ok(d["brightness"], 1 - view.brightness, 1 + view.brightness)
-        assert _uniform_ok(d["contrast"], 1 - view.contrast, 1 + view.contrast)
-        assert _uniform_ok(d["saturation"], 1 - view.saturation, 1 + view.saturation)
-        assert _uniform_ok(d["hue"], -360 * view.hue, 360 * view.hue)  # turns -> degrees
+        low = reference.jitter_values(np.zeros(4), view, spec.recipe)
+        high = reference.jitter_values(np.ones(4), view, spec.recipe)
+        for k, name in enumerate(reference.JITTER_OPS):  # official brightness: a delta; torchvision: a factor
+            assert _uniform_ok(d[name], low[k], high[k]), name
         assert _uniform_ok(d["sigma"], *view.blur_sigma)
-
-        # Crop windows lie inside the image; area and aspect follow torchvision's RandomResizedCrop.
-        shape, anchor, extent = d["image_shape"][:, :2], d["crop_anchor"], d["crop_extent"]
-        assert np.all(anchor >= 0) and np.all(anchor + extent <= shape)
-        area = extent.prod(1) / shape.prod(1)
-        log_aspect = np.log(extent[:, 1] / extent[:, 0])
-        # get_params draws from torch's global generator, which conftest seeds for every test.
-        reference = np.array([RandomResizedCrop.get_params(torch.empty(1, h, w), list(view.crop_scale),
-                                                           list(view.crop_ratio))[2:] for h, w in shape])
-        ref_area = reference.prod(1) / shape.prod(1)
-        ref_log_aspect = np.log(reference[:, 1] / reference[:, 0])
-        quantiles = [0.1, 0.25, 0.5, 0.75, 0.9]
-        # n = 2000: a quantile's standard error is about 0.01 (area) and 0.005 (log aspect).
-        np.testing.assert_allclose(np.quantile(area, quantiles), np.quantile(ref_area, quantiles), atol=0.05)
-        np.testing.assert_allclose(np.quantile(log_aspect, quantiles), np.quantile(ref_log_aspect, quantiles),
-                                   atol=0.03)
+        # The jitter order: a permutation per sample, every op equally likely in every slot.
+        order = d["jitter_order"]
+        assert order.shape == (d["flip"].size, 4) and np.all(np.sort(order, axis=1) == np.arange(4))
+        for slot in range(4):
+            for op in range(4):
+                assert _binomial_ok(order[:, slot] == op, 0.25), (slot, op)
 
 
-# RGB -> YIQ as DALI's hsv kernel writes it (NTSC, 3 decimals); it maps back with this matrix's exact inverse,
-# after rotating and scaling (I, Q) about the luma axis Y.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+def test_crop_boxes_follow_the_reference_distribution(sampled):
+    """The pipeline's crop windows (both views, 2000 boxes on the 60..80 px images) vs the recipe's reference
+    boxes on the same image shapes with fresh draws: KS of area fraction and log aspect under the alpha = 1e-4
+    critical value (0.070; measured 0.025 and 0.013 official, 0.039 and 0.038 torchvision)."""
+    spec = sampled["spec"]
+    d = {k: np.concatenate([sampled["draws"][v][k] for v in ("view1", "view2")])
+         for k in ("image_shape", "crop_anchor", "crop_extent")}
+    shape, anchor, extent = d["image_shape"][:, :2], d["crop_anchor"], d["crop_extent"]
+    assert np.all(anchor >= 0) and np.all(extent >= 1) and np.all(anchor + extent <= shape)
+    rng = np.random.default_rng(0)
+    theirs = np.array([fidelity.reference_crop_box(h, w, rng.random(40), spec.view1, spec)[2:] for h, w in shape])
+    area, ref_area = extent.prod(1) / shape.prod(1), theirs.prod(1) / shape.prod(1)
+    log_aspect, ref_log_aspect = np.log(extent[:, 1] / extent[:, 0]), np.log(theirs[:, 1] / theirs[:, 0])
+    bound = _ks_bound(len(area), len(ref_area))
+    assert fidelity._ks(area, ref_area) < bound and fidelity._ks(log_aspect, ref_log_aspect) < bound
 
 
-def _hsv_reference(x: np.ndarray, value: float, saturation: float, degrees: float) -> np.ndarray:
-    """fp64 model of DALI's fn.hsv on uint8 HWC values: YIQ, rotate (I, Q) by `degrees`, scale, back, round."""
-    theta = math.radians(degrees)
-    rotate = np.array([[1, 0, 0], [0, math.cos(theta), math.sin(theta)], [0, -math.sin(theta), math.cos(theta)]])
-    matrix = value * np.linalg.inv(_RGB_TO_YIQ) @ np.diag([1, saturation, saturation]) @ rotate @ _RGB_TO_YIQ
-    return np.clip(np.rint(x @ matrix.T), 0, 255)
+def _resize(crop: np.ndarray, spec: AugmentationSpec) -> np.ndarray:
+    """reference.resize as two matrix products (its einsum takes ~12 ms per view, which 2000 views can't afford)."""
+    rows, cols = (reference.resize_weights(n, spec.image_size, spec.interpolation, spec.antialias)
+                  for n in crop.shape[1:])
+    return np.clip(rows @ crop @ cols.T, 0.0, 1.0)
 
 
-def _to_levels(view: torch.Tensor, spec: AugmentationSpec) -> np.ndarray:
-    """fp32 normalized (3, S, S) -> the uint8 levels DALI normalized, as float64 HWC."""
-    mean, std = np.array(spec.mean), np.array(spec.std)
-    return np.rint((view.permute(1, 2, 0).cpu().double().numpy() * std + mean) * 255)
+def _reference_view(image: np.ndarray, view: ViewSpec, spec: AugmentationSpec, rng: np.random.Generator):
+    """One view of a float64 [3, H, W] image made by pipelines/reference.py with fresh draws."""
+    top, left, h, w = fidelity.reference_crop_box(*image.shape[1:], rng.random(40), view, spec)
+    x = _resize(image[:, top:top + h, left:left + w], spec)
+    if rng.random() < view.flip_prob:
+        x = x[:, :, ::-1]
+    if rng.random() < view.color_jitter_prob:
+        x = reference.color_jitter(x, reference.jitter_values(rng.random(4), view, spec.recipe), rng.permutation(4),
+                                   spec.recipe)
+    if rng.random() < view.grayscale_prob:
+        x = reference.grayscale(x)
+    if rng.random() < view.blur_prob:
+        low, high = view.blur_sigma
+        x = reference.gaussian_blur(x, low + (high - low) * rng.random(), spec.blur_kernel_size, spec.recipe)
+    if rng.random() < view.solarize_prob:
+        x = reference.solarize(x, view.solarize_threshold)
+    return x
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_view2_is_view1_transformed_by_its_own_draws(square_images, device):
+def _view_statistics(views: np.ndarray) -> dict[str, np.ndarray]:
+    """Per view: mean level, contrast (std), colourfulness (mean max - min channel; rounded, so grayscale views
+    are exactly 0 after the fp32 normalize round trip) and the mean of the border rows (blur padding)."""
+    return {"mean": views.mean((1, 2, 3)), "std": views.std((1, 2, 3)),
+            "colour": np.round((views.max(1) - views.min(1)).mean((1, 2)), 5),
+            "border": np.concatenate([views[:, :, 0], views[:, :, -1]], axis=2).mean((1, 2))}
+
+
+def test_composed_views_follow_the_reference_distribution(sampled, images):
+    """1000 views per view spec from the pipeline vs 1000 made by the reference from the same decoded images
+    with fresh draws: KS of four per-view statistics under the alpha = 1e-4 critical value (0.0995; measured
+    up to 0.058). Against the other recipe's reference at least one statistic is far off (measured 0.19-0.41),
+    so the test sees which recipe was built."""
+    spec = sampled["spec"]
+    decoded = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255
+               for f in images.files]  # DALI's CPU decoder and PIL are the same libjpeg-turbo: equal pixels
+    other = spec.replace(recipe=next(r for r in RECIPES if r != spec.recipe))
+    rng = np.random.default_rng(0)
+    for view_name, view, other_view in zip(("view1", "view2"), spec.views, other.views):
+        ours = _view_statistics(sampled["views"][view_name])
+        labels = sampled["draws"][view_name]["label"]
+        same = _view_statistics(np.stack([_reference_view(decoded[i], view, spec, rng) for i in labels]))
+        different = _view_statistics(np.stack([_reference_view(decoded[i], other_view, other, rng) for i in labels]))
+        bound = _ks_bound(len(labels), len(labels))
+        for name in ours:
+            assert fidelity._ks(ours[name], same[name]) < bound, (view_name, name)
+        assert max(fidelity._ks(ours[name], different[name]) for name in ours) > 1.5 * bound, view_name
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_view2_is_view1_transformed_by_its_own_draws(square_images, recipe):
     """Whole-image crops make both views start from the same pixels; view 1 has no other op, so view 2 must
-    equal the reference ops applied to view 1 with the decisions and factors the pipeline reported."""
+    equal the reference ops applied to view 1 with the decisions, values and jitter order the pipeline reported
+    (measured: within 2.2e-4 levels; a skipped, reordered or misapplied op costs levels)."""
     whole = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     spec = AugmentationSpec(
-        image_size=32,
+        image_size=32, recipe=recipe,
         view1=ViewSpec(**whole, flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0),
         view2=ViewSpec(**whole, flip_prob=0.5, color_jitter_prob=0.5, grayscale_prob=0.5, blur_prob=0.5,
                        solarize_prob=0.5))
-    loader = DaliTwoViewLoader(square_images, spec, batch_size=12, device=device, seed=5, num_threads=2,
+    loader = DaliTwoViewLoader(square_images, spec, batch_size=12, device="cpu", seed=5, num_threads=2,
                                dtype=torch.float32, debug_outputs=True)
-    kernel = spec.blur_kernel_size
-    decisions, worst, total, count = [], 0.0, 0.0, 0
+    decisions, worst = [], 0.0
     for _ in range(4):
         for view1, view2, _, debug in loader:
             d = debug["view2"]
             assert np.all(d["crop_anchor"] == 0) and np.all(d["crop_extent"] == 40)
-            for i in range(view1.shape[0]):
-                x = _to_levels(view1[i], spec)
+            for i, (x, got) in enumerate(zip(_unnormalize(view1, spec), _unnormalize(view2, spec))):
                 if d["jitter"][i]:
-                    c = float(d["contrast"][i])
-                    x = np.clip(np.rint(c * x + (1 - c) * (x @ _RGB_TO_YIQ[0]).mean()), 0, 255)
-                    x = _hsv_reference(x, float(d["brightness"][i]), float(d["saturation"][i]), float(d["hue"][i]))
+                    values = [float(d[name][i]) for name in reference.JITTER_OPS]
+                    x = reference.color_jitter(x, values, d["jitter_order"][i], recipe)
                 if d["gray"][i]:
-                    x = _hsv_reference(x, 1.0, 0.0, 0.0)
+                    x = reference.grayscale(x)
                 if d["blur"][i]:
-                    sigma = float(d["sigma"][i])
-                    blurred = TF.gaussian_blur(torch.from_numpy(x).permute(2, 0, 1), [kernel, kernel], [sigma, sigma])
-                    x = np.rint(blurred.permute(1, 2, 0).numpy())
+                    x = reference.gaussian_blur(x, float(d["sigma"][i]), spec.blur_kernel_size, recipe)
                 if d["solarize"][i]:
-                    x = np.where(x >= 0.5 * 255, 255 - x, x)
+                    x = reference.solarize(x, spec.view2.solarize_threshold)
                 if d["flip"][i]:
-                    x = x[:, ::-1]
-                diff = np.abs(_to_levels(view2[i], spec) - x)
-                worst, total, count = max(worst, diff.max()), total + diff.sum(), count + diff.size
+                    x = x[:, :, ::-1]
+                worst = max(worst, np.abs(got - x).max() * 255)
                 decisions.append([d[k][i] for k in ("jitter", "gray", "blur", "solarize", "flip")])
     decisions = np.array(decisions, dtype=bool)
     assert decisions.any(axis=0).all() and (~decisions).any(axis=0).all()  # every branch taken both ways
-    # Each op rounds to uint8 and the references round the same way (float32 vs fp64 can split a tie, and
-    # a level carried into the next op can grow by one). A skipped or misapplied op would cost tens of levels.
-    assert worst <= 2 and total / count <= 0.01, (worst, total / count)
+    assert worst < 0.01, worst
 
 
-def test_ops_match_torchvision_on_fixed_parameters():
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_op_matches_the_float64_reference(recipe):
+    """pipelines.fidelity on the dali backend: the training code's ops in CPU mode on the reference's draws.
+
+    Colour ops are exact up to float32 (measured max 2e-4 levels). The resize drops the taps outside the
+    box (coverage channel): measured max 0.074 (official) and 0.050 (torchvision) levels, from DALI's
+    tabulated cubic when enlarging; without the coverage channel the border is off by up to 6.5 and 10.3.
+    The crop's draw: KS under 0.05 (measured 0.025 and 0.018). Nothing needs a GAPS entry.
+    """
+    errors = fidelity.measure("dali", recipe)
+    assert set(errors) == set(fidelity.OPS)
+    bounds = {"crop": fidelity.CROP_KS_NOISE, "resize": 0.1}
+    for op, error in errors.items():
+        assert error.max < bounds.get(op, 0.01), (op, error)
+    assert fidelity.unexplained("dali", recipe, errors) == []
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_crop_boxes_are_the_references_on_the_same_draws(recipe):
+    """dali_ops.crop_box == reference's crop box fed the same draws, box for box, on ordinary, small and thin
+    images (official: clamped sides; torchvision: later tries and the central fallback) and wide ranges."""
+    spec = AugmentationSpec(recipe=recipe)
+    tries = dali_ops.CROP_TRIES[recipe]
+    n = 150
+    for view in (spec.view1, ViewSpec(crop_scale=(0.5, 1.0), crop_ratio=(0.2, 5.0))):
+        for height, width in ((300, 400), (40, 33), (3, 200), (200, 2), (1, 1)):
+            draws = np.random.default_rng(height * width).random((n, tries, 4), dtype=np.float32)
+            anchor, extent = run_cpu(lambda shape, u: dali_ops.crop_box(shape, u, view, recipe),
+                                     [np.int64([height, width, 3])] * n, list(draws))
+            ours = np.concatenate([np.stack(anchor), np.stack(extent)], axis=1)
+            theirs = [fidelity.reference_crop_box(height, width, u.ravel().astype(np.float64), view, spec)
+                      for u in draws]
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"{height}x{width} {view.crop_ratio}")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_jitter_order_is_per_sample(recipe):
+    """24 copies of one image with the same values, each in another of the 24 orders: each equals the reference
+    composed in its own order (measured 1.4e-4 levels), and the orders give different pictures (clipping makes
+    the ops not commute; these values push many pixels past 0 or 1): measured 18 (official) and 24 distinct
+    results, the first and last order 82 and 92 levels apart."""
+    image = fidelity.probe_images(1, 16, seed=2)[0]
+    values = reference.jitter_values(np.array([0.95, 0.9, 0.9, 0.8]), ViewSpec(), recipe)
+    orders = dali_ops.JITTER_ORDERS
+    n = len(orders)
+    hwc = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
+    (out,) = run_cpu(lambda x, order, *v: dali_ops.color_jitter(x, v, order, recipe), [hwc] * n, list(orders),
+                     *([np.array(v, np.float32)] * n for v in values), layouts=("HWC",))
+    got = np.stack(out).transpose(0, 3, 1, 2)
+    want = np.stack([reference.color_jitter(image, values, order, recipe) for order in orders])
+    assert np.abs(got - want).max() * 255 < 0.01
+    distinct = {np.round(g * 255, 1).tobytes() for g in got}
+    assert len(distinct) > n // 2
+    assert np.abs(got[0] - got[-1]).max() * 255 > 5  # (b, c, s, h) vs (h, s, c, b)
+
+
+def test_torchvision_recipe_ops_match_torchvision():
+    """The torchvision recipe's ops against torchvision.transforms.v2.functional on float tensors (an outside
+    check of the reference and of the ops): within 0.01 levels (flip and normalize: float rounding); the
+    antialiased bicubic resized crop, shrinking and enlarging, within 0.1 levels (measured 0.046)."""
     rng = np.random.default_rng(4)
-    pictures = [_smooth_rgb(rng, 90, 120) for _ in range(3)] + [np.repeat(_smooth_rgb(rng, 90, 120)[..., :1], 3, 2)]
-    anchor, extent, size, kernel = (10, 20), (60, 80), 40, 9
-
-    @pipeline_def(batch_size=len(pictures), num_threads=1, device_id=None)
-    def fixed_ops():
-        x = fn.external_source(source=lambda: pictures, batch=True, layout="HWC", dtype=types.UINT8)
-        window = dali_ops.resize_window(x, types.Constant(np.int32(anchor)), types.Constant(np.int32(extent)),
-                                        size, "bicubic")
-        return (dali_ops.color_transform(x, 1.3, 1.0, 0.0), dali_ops.color_transform(x, 0.7, 1.0, 0.0),
-                dali_ops.adjust_contrast(x, 1.35), dali_ops.adjust_contrast(x, 0.6),
-                dali_ops.color_transform(x, 1.0, 1.2, 0.0), dali_ops.color_transform(x, 1.0, 0.8, 0.0),
-                dali_ops.grayscale(x), dali_ops.color_transform(x, 1.0, 1.0, 25.0),
-                dali_ops.gaussian_blur(x, 1.3, kernel), dali_ops.gaussian_blur(x, 0.1, kernel),
-                dali_ops.solarize(x, 0.5), window, dali_ops.flip_and_normalize(x, 1, SPEC, types.FLOAT))
-
-    pipe = fixed_ops()
-    pipe.build()
-    outputs = pipe.run()
-
-    def results(k: int) -> list[np.ndarray]:
-        return [np.array(outputs[k].at(i)).astype(np.float64) for i in range(len(pictures))]
-
-    def unit(p: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(p).permute(2, 0, 1).float() / 255
-
-    def levels(t: torch.Tensor) -> np.ndarray:
-        return (t.clamp(0, 1) * 255).permute(1, 2, 0).double().numpy()
-
-    def max_diff(k: int, reference) -> float:
-        return max(np.abs(out - levels(reference(unit(p)))).max() for out, p in zip(results(k), pictures))
-
-    # DALI rounds to uint8 where torchvision stays in float: half a level, plus luma weights 0.299 vs 0.2989.
-    assert max_diff(0, lambda t: TF.adjust_brightness(t, 1.3)) <= 0.51
-    assert max_diff(1, lambda t: TF.adjust_brightness(t, 0.7)) <= 0.51
-    assert max_diff(2, lambda t: TF.adjust_contrast(t, 1.35)) <= 0.55
-    assert max_diff(3, lambda t: TF.adjust_contrast(t, 0.6)) <= 0.55
-    assert max_diff(4, lambda t: TF.adjust_saturation(t, 1.2)) <= 0.75
-    assert max_diff(5, lambda t: TF.adjust_saturation(t, 0.8)) <= 0.75
-    assert max_diff(6, lambda t: TF.rgb_to_grayscale(t, 3)) <= 1.5
-    assert max_diff(8, lambda t: TF.gaussian_blur(t, [kernel, kernel], [1.3, 1.3])) <= 0.51
-    assert max_diff(9, lambda t: TF.gaussian_blur(t, [kernel, kernel], [0.1, 0.1])) <= 0.51
-    # Hue: DALI's YIQ rotation (our fp64 model to a level), which leaves grays alone; it is NOT torchvision's
-    # HSV hexcone shift: on these saturated pictures they differ by 10+ levels on average (see dali_ops).
-    for out, p in zip(results(7), pictures):
-        assert np.abs(out - _hsv_reference(p.astype(np.float64), 1.0, 1.0, 25.0)).max() <= 1
-    assert np.abs(results(7)[3] - pictures[3]).max() <= 1
-    hue_gap = np.mean([np.abs(o - levels(TF.adjust_hue(unit(p), 25 / 360))).mean()
-                       for o, p in zip(results(7)[:3], pictures[:3])])
-    assert 5 < hue_gap < 40
-    for out, p in zip(results(10), pictures):
-        np.testing.assert_array_equal(out, TF.solarize(torch.from_numpy(p).permute(2, 0, 1), 128).permute(1, 2, 0))
-    for out, p in zip(results(12), pictures):
-        reference = TF.normalize(TF.horizontal_flip(unit(p)), SPEC.mean, SPEC.std).permute(1, 2, 0).numpy()
-        np.testing.assert_allclose(out, reference, atol=1e-5)
-    # Resized crop: DALI resamples the window inside the whole image, so pixels within the filter's reach of
-    # the window's edge also see pixels outside it (torchvision crops first); compare the interior.
-    margin = 3
-    gaps = {}
-    for mode in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR):
-        gaps[mode] = np.concatenate([
-            np.abs(out - TF.resized_crop(torch.from_numpy(p).permute(2, 0, 1), *anchor, *extent, [size, size], mode,
-                                         antialias=True).permute(1, 2, 0).double().numpy())[margin:-margin,
-                                                                                             margin:-margin].ravel()
-            for out, p in zip(results(11), pictures)])
-    cubic = gaps[InterpolationMode.BICUBIC]
-    assert cubic.mean() <= 0.75 and np.quantile(cubic, 0.99) <= 3
-    assert gaps[InterpolationMode.BILINEAR].mean() > 1.5 * cubic.mean()  # it really is the bicubic filter
+    pictures = [_smooth_rgb(rng, 40, 48) / 255.0 for _ in range(3)]
+    kernel = 9
+    spec = AugmentationSpec(image_size=40, recipe="torchvision")
+    ops = {
+        "brightness": (lambda x: dali_ops.multiply_brightness(x, 1.3), lambda t: TF.adjust_brightness(t, 1.3)),
+        "contrast": (lambda x: dali_ops.contrast_about_gray(x, 0.6), lambda t: TF.adjust_contrast(t, 0.6)),
+        "saturation": (lambda x: dali_ops.saturation_about_gray(x, 1.2), lambda t: TF.adjust_saturation(t, 1.2)),
+        "hue": (lambda x: dali_ops.shift_hue(x, -0.07), lambda t: TF.adjust_hue(t, -0.07)),
+        "grayscale": (dali_ops.grayscale, lambda t: TF.rgb_to_grayscale(t, 3)),
+        "blur": (lambda x: dali_ops.gaussian_blur(x, 1.3, kernel, "torchvision"),
+                 lambda t: TF.gaussian_blur(t, [kernel, kernel], [1.3, 1.3])),
+        "solarize": (lambda x: dali_ops.solarize(x, 0.5), lambda t: TF.solarize(t, 0.5)),
+        "normalize": (lambda x: dali_ops.flip_and_normalize(x, 1, spec, types.FLOAT),
+                      lambda t: TF.normalize(TF.horizontal_flip(t), spec.mean, spec.std)),
+    }
+    outputs = run_cpu(lambda x: tuple(op(x) for op, _ in ops.values()), [np.float32(p) for p in pictures],
+                      layouts=("HWC",))
+    for (name, (_, theirs)), results in zip(ops.items(), outputs):
+        for got, picture in zip(results, pictures):
+            want = theirs(torch.from_numpy(picture).permute(2, 0, 1).float()).permute(1, 2, 0).double().numpy()
+            assert np.abs(got - want).max() * 255 < 0.01, name
+    sources = [np.uint8(np.round(p * 255)) for p in pictures]
+    for (top, left, h, w), size in (((3, 5, 36, 40), 16), ((10, 20, 12, 9), 24)):
+        (crops,) = run_cpu(lambda x, anchor, extent: dali_ops.resized_crop(x, anchor, extent, size, "bicubic", True),
+                           sources, [np.int32([top, left])] * 3, [np.int32([h, w])] * 3, layouts=("HWC",))
+        for got, source in zip(crops, sources):
+            want = TF.resized_crop(torch.from_numpy(source).permute(2, 0, 1).float() / 255, top, left, h, w,
+                                   [size, size], TF.InterpolationMode.BICUBIC, antialias=True)
+            assert np.abs(got - want.clamp(0, 1).permute(1, 2, 0).numpy()).max() * 255 < 0.1
 
 
 @pytest.mark.cuda
