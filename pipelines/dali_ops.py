@@ -44,9 +44,9 @@ a recipe is named; "exact" means float32 rounding, under 0.01 of a level):
 
 Cost: each arithmetic node is a DALI operator, and each jitter op appears in
 each of the four order slots, so the exact float ops cost more than the old
-8-bit fixed-order jitter (one `fn.hsv`). On the CPU (DALI's CPU mode) that is
-about 2.8x fewer images/s at 64 px, batch 8, where the ~20 us per operator
-dominates, and ~20% fewer at 224 px.
+8-bit fixed-order jitter (one `fn.hsv`). In DALI's CPU mode (benchmarks.pipeline_bench,
+2 threads) that is 2.6x fewer images/s at 64 px, batch 8, where the ~20 us per
+operator dominates, and 25% fewer at 224 px, batch 16.
 """
 
 from __future__ import annotations
