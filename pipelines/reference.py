@@ -190,4 +190,4 @@ def resize(crop: np.ndarray, size: int, interpolation: str, antialias: bool) -> 
     """A [3, h, w] crop resampled to [3, size, size], clipped to [0, 1] (bicubic overshoots)."""
     rows = resize_weights(crop.shape[1], size, interpolation, antialias)
     cols = resize_weights(crop.shape[2], size, interpolation, antialias)
-    return np.clip(np.einsum("sh,chw,tw->cst", rows, crop, cols), 0.0, 1.0)
+    return np.clip(rows @ crop @ cols.T, 0.0, 1.0)
