@@ -85,7 +85,7 @@ def test_parse_value_types():
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown preset 'imagenet'.*demo, imagenet-1000ep, imagenet-300ep, throughput"):
+    with pytest.raises(ValueError, match="unknown preset 'imagenet'.*demo, imagenet-1000ep, imagenet-300ep, small-images, throughput"):
         resolve_config("imagenet")
 
 
@@ -253,10 +253,11 @@ def test_cli_rejects_bad_configs_before_any_heavy_work(tmp_path: Path, monkeypat
     assert not (tmp_path / "run").exists()
 
 
-def test_load_preset_files_are_flat_known_keys():
+def test_load_preset_files_are_flat_known_keys_and_one_views_table():
     for name in available_presets():
         values = load_preset(name)
-        assert values and all(not isinstance(v, dict) for v in values.values()), name
+        assert values and all(not isinstance(v, dict) for k, v in values.items() if k != "views"), name
+        resolve_config(name).augmentation_spec()  # the [views] table, if any, builds a valid spec
 
 
 def test_data_surprises_are_refused_naming_the_fix(tmp_path: Path, monkeypatch, capsys):
