@@ -67,21 +67,28 @@ def test_a_bad_view_setting_fails_before_any_data_is_read_or_written(tmp_path: P
     assert not data.parent.exists() and not (tmp_path / "run").exists()
 
 
-def test_training_uses_and_records_the_views(tmp_path: Path):
+def _train_on_synthetic(tmp_path: Path, args: list[str]) -> dict:
+    """A tiny CPU run (one thread, 16 synthetic images, small heads) with `args`; returns its config.json."""
     make_synthetic(tmp_path / "data", images=16, classes=4)
     run_dir = tmp_path / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = train.main(["--arch", "resnet18", "--image-size", "32", "--global-batch", "8", "--epochs", "1",
-                           "--warmup-epochs", "0", "--projection-hidden-size", "32", "--prediction-hidden-size", "32",
-                           "--workers", "0", "--no-tensorboard", "--device", "cpu", "--data-backend", "torch",
-                           "--data", str(tmp_path / "data" / "train"), "--run-dir", str(run_dir),
-                           "--set", "views.recipe=torchvision", "--set", "views.view2.solarize_prob=0.5"])
+        code = train.main(args + ["--data", str(tmp_path / "data" / "train"), "--run-dir", str(run_dir),
+                                  "--global-batch", "8", "--projection-hidden-size", "32",
+                                  "--prediction-hidden-size", "32", "--workers", "0", "--no-tensorboard",
+                                  "--device", "cpu"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
-    recorded = json.loads((run_dir / "config.json").read_text())
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def test_training_uses_and_records_the_views(tmp_path: Path):
+    recorded = _train_on_synthetic(tmp_path, ["--arch", "resnet18", "--image-size", "32", "--epochs", "1",
+                                              "--warmup-epochs", "0", "--data-backend", "torch",
+                                              "--set", "views.recipe=torchvision",
+                                              "--set", "views.view2.solarize_prob=0.5"])
     assert recorded["views"] == {"recipe": "torchvision", "view2": {"solarize_prob": 0.5}}
     resolved = recorded["resolved"]["views"]
     assert resolved["recipe"] == "torchvision" and resolved["image_size"] == 32
@@ -90,20 +97,9 @@ def test_training_uses_and_records_the_views(tmp_path: Path):
 
 def test_small_images_preset_trains_with_its_stem_and_views(tmp_path: Path):
     """The small-image preset as documented (solo-learn's CIFAR recipe), shrunk to a few CPU steps."""
-    make_synthetic(tmp_path / "data", images=16, classes=4)
-    run_dir = tmp_path / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = train.main(["--preset", "small-images", "--data", str(tmp_path / "data" / "train"), "--global-batch",
-                           "8", "--max-steps", "2", "--projection-hidden-size", "32", "--prediction-hidden-size",
-                           "32", "--workers", "0", "--no-tensorboard", "--device", "cpu", "--run-dir", str(run_dir)])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    recorded = json.loads((run_dir / "config.json").read_text())
+    recorded = _train_on_synthetic(tmp_path, ["--preset", "small-images", "--max-steps", "2"])
     assert recorded["small_stem"] is True and recorded["image_size"] == 32 and recorded["eta"] == 0.02
     views = recorded["resolved"]["views"]
     assert (views["view1"]["blur_prob"], views["view2"]["blur_prob"], views["view2"]["solarize_prob"]) == (0, 0, 0.2)
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in steps if "loss" in line][-1] == 2
