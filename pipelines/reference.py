@@ -90,6 +90,12 @@ def jitter_values(uniforms: np.ndarray, view: ViewSpec, recipe: str) -> np.ndarr
     return np.array([lo + (hi - lo) * u for (lo, hi), u in zip(spans, uniforms)])
 
 
+def identity_jitter_values(recipe: str) -> tuple[float, float, float, float]:
+    """(brightness, contrast, saturation, hue) values that change nothing: an official brightness is a delta
+    (0), a torchvision one a factor (1); contrast and saturation factors are 1, the hue shift 0."""
+    return (0.0 if recipe == "official" else 1.0, 1.0, 1.0, 0.0)
+
+
 def color_jitter(image: np.ndarray, values: np.ndarray, order: np.ndarray, recipe: str) -> np.ndarray:
     """The four jitter ops in `order` (op ids), each with its value from `values` (indexed by op id)."""
     for op in order:

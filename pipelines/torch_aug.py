@@ -306,13 +306,15 @@ def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
     rank = params.jitter_order.argsort(dim=1)  # rank[:, op] = position of op in the order
     hue_position = rank[:, 3]
     affine_order = rank[:, :3].argsort(dim=1)  # brightness/contrast/saturation ids, in application order
+    identity_values = reference.identity_jitter_values(recipe)
     x = images
     for before_hue in (True, False):
         for slot in range(3):
             op = affine_order[:, slot]
             in_phase = (slot < hue_position) if before_hue else (slot >= hue_position)
-            identity = (op != 0).float() if recipe == "official" else torch.ones_like(params.jitter_factors[:, 0])
             drawn = params.jitter_factors.gather(1, op[:, None]).squeeze(1)
+            # Slot ops are 0..2; contrast's and saturation's identity (1) is the same, so one where picks it.
+            identity = torch.where(op == 0, identity_values[0], identity_values[1]).to(drawn.dtype)
             x = _jitter_slot(x, torch.where(params.jittered & in_phase, drawn, identity), op, recipe)
         if before_hue:
             x = torch.where(_per_sample(params.jittered), _shift_hue(x, params.jitter_factors[:, 3]), x)

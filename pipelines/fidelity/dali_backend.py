@@ -16,7 +16,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from pipelines import dali_ops
-from pipelines.reference import JITTER_OPS
+from pipelines.reference import JITTER_OPS, identity_jitter_values
 from pipelines.spec import AugmentationSpec, ViewSpec
 
 
@@ -40,19 +40,13 @@ def run_cpu(graph: Callable, *batches: list[np.ndarray], layouts: tuple[str, ...
     return [[np.array(out.at(i)) for i in range(len(out))] for out in built.run()]
 
 
-def _identity_jitter(recipe: str) -> list[float]:
-    """Jitter values that change nothing: brightness delta 0 (official) or factor 1, contrast and saturation
-    factor 1, hue shift 0."""
-    return [0.0 if recipe == "official" else 1.0, 1.0, 1.0, 0.0]
-
-
 def _colour_graph(op: str, spec: AugmentationSpec) -> Callable:
     if op in JITTER_OPS:
         index = JITTER_OPS.index(op)
 
         def jitter_first(images, value):
             # The op in slot 0 with its value; the other three after it with their identity values.
-            values = [value if k == index else v for k, v in enumerate(_identity_jitter(spec.recipe))]
+            values = [value if k == index else v for k, v in enumerate(identity_jitter_values(spec.recipe))]
             order = types.Constant(np.int32([index, *(k for k in range(len(JITTER_OPS)) if k != index)]))
             return dali_ops.color_jitter(images, values, order, spec.recipe)
         return jitter_first

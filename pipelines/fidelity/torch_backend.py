@@ -8,15 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.reference import JITTER_OPS
+from pipelines.reference import JITTER_OPS, identity_jitter_values
 from pipelines.spec import AugmentationSpec, ViewSpec
 from pipelines.torch_aug import ViewParams, apply_view_params, resized_crop, sample_crop_boxes
-
-
-def _identity_jitter(n: int, recipe: str) -> torch.Tensor:
-    """[n, 4] jitter values that change nothing: brightness delta 0 (official) or factor 1, hue shift 0."""
-    brightness = 0.0 if recipe == "official" else 1.0
-    return torch.tensor([brightness, 1.0, 1.0, 0.0]).repeat(n, 1)
 
 
 def apply_op(op: str, images: np.ndarray, values: np.ndarray, spec: AugmentationSpec) -> np.ndarray:
@@ -24,7 +18,7 @@ def apply_op(op: str, images: np.ndarray, values: np.ndarray, spec: Augmentation
     x = torch.from_numpy(images).float()
     n = x.shape[0]
     no, yes = torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
-    factors = _identity_jitter(n, spec.recipe)
+    factors = torch.tensor(identity_jitter_values(spec.recipe)).repeat(n, 1)
     if op in JITTER_OPS:
         factors[:, JITTER_OPS.index(op)] = torch.from_numpy(values).float()
     params = ViewParams(flipped=no, jittered=yes if op in JITTER_OPS else no, jitter_factors=factors,
