@@ -31,6 +31,7 @@ import torchvision
 from torch import Tensor, nn
 
 from byol_fast.ema import ema_update_
+from byol_fast.timm_encoders import build_timm_encoder, is_timm_arch
 
 TORCHVISION_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 INITS = ("official", "torchvision")
@@ -39,8 +40,13 @@ SMALL_STEM = "conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=
 """The small-image stem, as code: what build_encoder(name, small_stem=True) changes in torchvision's ResNet."""
 
 
-def build_encoder(name: str, small_stem: bool = False, zero_init_residual: bool = False) -> nn.Module:
-    """A randomly initialized torchvision ResNet by name: the model an encoder's weights load into strictly.
+def build_encoder(name: str, small_stem: bool = False, zero_init_residual: bool = False,
+                  image_size: int = 224) -> nn.Module:
+    """A randomly initialized encoder by name: the model an encoder's weights load into strictly.
+
+    A torchvision ResNet (TORCHVISION_ENCODERS), or a timm model as `timm/<name>`
+    (byol_fast.timm_encoders: built without its classifier, at `image_size` when
+    its shapes depend on it, e.g. a ViT's position embeddings).
 
     small_stem: for 32-96 px images, solo-learn's CIFAR stem (SMALL_STEM):
     a 3x3 stride-1 first convolution and no max-pool instead of the 7x7
@@ -49,8 +55,14 @@ def build_encoder(name: str, small_stem: bool = False, zero_init_residual: bool 
     zero_init_residual: the official BYOL init of the residual blocks
     (torchvision's flag of that name).
     """
+    if is_timm_arch(name):
+        if small_stem:
+            raise ValueError(f"small_stem applies to torchvision ResNets, not {name}: drop it (timm models keep "
+                             f"their own stem)")
+        return build_timm_encoder(name, image_size)
     if name not in TORCHVISION_ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}: use one of {', '.join(TORCHVISION_ENCODERS)}, or pass an nn.Module")
+        raise ValueError(f"unknown encoder {name!r}: use one of {', '.join(TORCHVISION_ENCODERS)}, a timm model as "
+                         f"timm/<name>, or pass an nn.Module")
     net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
     if small_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)  # solo-learn's padding
@@ -74,6 +86,12 @@ def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
     prediction = F.normalize(prediction.float(), dim=-1)
     target = F.normalize(target.float(), dim=-1)
     return 2.0 - 2.0 * (prediction * target).sum(dim=-1)
+
+
+def representation_layer(arch: str) -> str | None:
+    """Where the representation of an encoder built by name is read: a torchvision ResNet's "avgpool"; a timm
+    model's own output (built with num_classes=0, it ends at its pooled features)."""
+    return None if is_timm_arch(arch) else "avgpool"
 
 
 def _resolve_hidden_layer(net: nn.Module, hidden_layer: str | int | None) -> str | None:
@@ -128,10 +146,14 @@ class BYOL(nn.Module):
     """The BYOL learner: online and target networks and the symmetric loss.
 
     Args:
-        net: a torchvision ResNet name (see TORCHVISION_ENCODERS) or any nn.Module.
-        image_size: side of the square views; checked by a probe forward at construction.
+        net: a torchvision ResNet name (see TORCHVISION_ENCODERS), a timm model as
+            "timm/<name>" (byol_fast.timm_encoders), or any nn.Module.
+        image_size: side of the square views; checked by a probe forward at construction
+            (and the size a timm ViT is built for).
         hidden_layer: module name (dotted), index into `net.named_children()`, or None
-            to use the net's own output as the representation. "avgpool" for ResNets.
+            to use the net's own output as the representation. "auto" (default):
+            representation_layer(net) for a name ("avgpool" for ResNets, the output of
+            a timm model), "avgpool" for a module.
         projection_size: output size of projector and predictor (256 in BYOL).
         projection_hidden_size: hidden width of the projector (4096 in BYOL).
         prediction_hidden_size: hidden width of the predictor (4096 in BYOL).
@@ -149,7 +171,7 @@ class BYOL(nn.Module):
         self,
         net: nn.Module | str,
         image_size: int = 224,
-        hidden_layer: str | int | None = "avgpool",
+        hidden_layer: str | int | None = "auto",
         projection_size: int = 256,
         projection_hidden_size: int = 4096,
         prediction_hidden_size: int = 4096,
@@ -161,8 +183,10 @@ class BYOL(nn.Module):
         if init not in INITS:
             raise ValueError(f"init={init!r} is not an initialisation: use one of {', '.join(INITS)}")
         official = init == "official"
+        if hidden_layer == "auto":
+            hidden_layer = representation_layer(net) if isinstance(net, str) else "avgpool"
         if isinstance(net, str):
-            net = build_encoder(net, small_stem=small_stem, zero_init_residual=official)
+            net = build_encoder(net, small_stem=small_stem, zero_init_residual=official, image_size=image_size)
         elif small_stem:
             raise ValueError("small_stem=True needs an encoder name; for your own module, give it the stem "
                              "yourself (e.g. byol_fast.model.build_encoder(name, small_stem=True))")
