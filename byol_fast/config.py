@@ -31,6 +31,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from byol_fast.model import INITS, TORCHVISION_ENCODERS
+from byol_fast.optimizers import OPTIMIZERS
+from byol_fast.timm_encoders import check_timm_arch, is_timm_arch, prefix_hint
 from pipelines.spec import AugmentationSpec, ViewSpec
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -42,6 +44,8 @@ or to one under [views.view1] / [views.view2]."""
 BACKENDS = ("auto", "torchvision", "torch", "dali", "ffcv", "views")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
+ADAMW_MAX_BASE_LR = 0.01
+"""Above this, an AdamW base_lr is a LARS rate typed by mistake (AdamW recipes use 1e-4 to 2e-3)."""
 
 
 @dataclass
@@ -65,7 +69,8 @@ class TrainConfig:
     knn_bank_images: int = 10000
     """The kNN monitor's labelled bank: an even subsample of at most this many training images."""
     arch: str = "resnet50"
-    """Encoder: a torchvision ResNet name."""
+    """Encoder: a torchvision ResNet name, or a timm model as timm/<name> (e.g. timm/vit_small_patch16_224,
+    timm/convnext_tiny; needs the timm extra), built without its classifier (byol_fast/timm_encoders.py)."""
     small_stem: bool = False
     """Give the ResNet solo-learn's small-image stem (3x3 stride-1 conv1, no max-pool) for 32-96 px images;
     `byol-fast export` records it, and its weights load into torchvision with byol_fast.model.SMALL_STEM."""
@@ -82,14 +87,21 @@ class TrainConfig:
     """Passes over the training set; with warmup_epochs, sets the lr and tau schedules."""
     warmup_epochs: int = 10
     """Epochs of linear lr warm-up."""
+    optimizer: str = "lars"
+    """"lars" (the official BYOL recipe) or "adamw" (small data, ViTs); see byol_fast/optimizers.py."""
     base_lr: float = 0.2
-    """Learning rate per 256 images; the peak lr is base_lr * global_batch / 256."""
+    """Learning rate at batch 256; the peak lr scales it to global_batch by the optimizer's rule: linear for LARS
+    (base_lr * global_batch / 256), square root for AdamW (base_lr * sqrt(global_batch / 256))."""
     weight_decay: float = 1.5e-6
-    """LARS weight decay (not applied to biases and BatchNorm parameters)."""
+    """Weight decay (decoupled in AdamW; not applied to biases, norms, position embeddings and class tokens)."""
     momentum: float = 0.9
     """LARS momentum."""
     eta: float = 1e-3
     """LARS trust coefficient."""
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    beta2: float = 0.999
+    """AdamW's second-moment decay (MAE uses 0.95 for ViTs)."""
     tau_base: float = 0.996
     """EMA coefficient of the target at step 0; rises to 1 on a cosine."""
     projection_size: int = 256
@@ -157,8 +169,21 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("init", self.init, INITS)
-        if self.arch not in TORCHVISION_ENCODERS:
-            raise ValueError(f"arch={self.arch!r} is not supported: use one of {', '.join(TORCHVISION_ENCODERS)}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if is_timm_arch(self.arch):
+            check_timm_arch(self.arch)
+            if self.small_stem:
+                raise ValueError(f"small_stem=true applies to torchvision ResNets, not {self.arch}: drop "
+                                 f"--small-stem (a timm model keeps its own stem)")
+        elif self.arch not in TORCHVISION_ENCODERS:
+            raise ValueError(f"arch={self.arch!r} is not supported: use one of {', '.join(TORCHVISION_ENCODERS)}, "
+                             f"or a timm model as timm/<name> (e.g. timm/vit_small_patch16_224){prefix_hint(self.arch)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1) (AdamW's are 0.9 and 0.999)")
+        if self.optimizer == "adamw" and self.base_lr > ADAMW_MAX_BASE_LR:
+            raise ValueError(f"base_lr={self.base_lr} is a LARS rate; AdamW diverges there: pass --base-lr 3e-4 "
+                             f"(small data) or 1e-3 (ViT-S/16, DINO's rate), or use --preset small-data")
         _check_positive(self, "image_size", "global_batch", "accumulation_steps", "epochs", "projection_size",
                         "projection_hidden_size", "prediction_hidden_size", "keep_checkpoints", "log_every")
         _check_non_negative(self, "warmup_epochs", "base_lr", "weight_decay", "workers", "seed", "checkpoint_every",

@@ -56,10 +56,10 @@ from byol_fast.data_checks import check_data_choice, chosen_keys
 from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module,
                                    broadcast_object, cleanup, gather_objects, init_distributed, world_from_env)
 from byol_fast.knn import KnnMonitor
-from byol_fast.lars import LARS
 from byol_fast.model import BYOL
+from byol_fast.optimizers import build_optimizer, peak_lr
 from byol_fast.run_log import RunLogger, byol_step_flops_per_image, measure_matmul_flops, mfu, provenance
-from byol_fast.schedules import CosineTau, WarmupCosineLR, scaled_lr
+from byol_fast.schedules import CosineTau, WarmupCosineLR
 from byol_fast.step import TrainStep
 from byol_fast.stop_signals import EXIT_OK, StopSignals, describe_worker_death
 from pipelines.command_line import CommandParser
@@ -72,7 +72,9 @@ EXIT_FAILED, EXIT_USAGE = 1, 2  # and stop_signals' EXIT_OK (0) and EXIT_INTERRU
 # and what "batch b of epoch e" means. The world size may change (checkpoints are rank-agnostic).
 RESUME_KEYS = ("arch", "small_stem", "init", "image_size", "projection_size", "projection_hidden_size",
                "prediction_hidden_size", "global_batch", "epochs", "warmup_epochs", "base_lr", "weight_decay",
-               "momentum", "eta", "tau_base", "seed")
+               "momentum", "eta", "tau_base", "seed", "optimizer", "beta1", "beta2")
+# What checkpoints written before optimizers became a setting ran with (they lack these RESUME_KEYS).
+LEGACY_OPTIMIZER_META = {"optimizer": "lars", "beta1": 0.9, "beta2": 0.999}
 
 
 # Flags of other trainers that people type out of habit, and what they are called here.
@@ -218,7 +220,7 @@ class Trainer:
         self.knn = build_knn_monitor(config, info)
         self.global_batch = config.global_batch
         per_rank_batch = config.global_batch // info.world_size
-        learner = BYOL(config.arch, image_size=config.image_size, hidden_layer="avgpool",
+        learner = BYOL(config.arch, image_size=config.image_size, hidden_layer="auto",
                        projection_size=config.projection_size, projection_hidden_size=config.projection_hidden_size,
                        prediction_hidden_size=config.prediction_hidden_size, tau=config.tau_base, init=config.init,
                        small_stem=config.small_stem).to(device)
@@ -226,8 +228,9 @@ class Trainer:
             learner = convert_sync_batchnorm(learner, device)
             broadcast_module(learner, info)
         self.learner = learner
-        self.optimizer = LARS(learner.trainable_parameters(), lr=0.0, momentum=config.momentum,
-                              weight_decay=config.weight_decay, eta=config.eta)
+        self.optimizer = build_optimizer(config.optimizer, learner, learner.trainable_parameters(),
+                                         weight_decay=config.weight_decay, momentum=config.momentum, eta=config.eta,
+                                         betas=(config.beta1, config.beta2))
         self.cuda_graph = config.resolved_cuda_graph(device.type)
         self.precision = config.resolved_precision(device.type)
         self.step = TrainStep(learner, self.optimizer, batch_size=per_rank_batch, image_size=config.image_size,
@@ -241,7 +244,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
-        self.lr_at = WarmupCosineLR(scaled_lr(config.base_lr, config.global_batch), self.total_steps,
+        self.lr_at = WarmupCosineLR(peak_lr(config.optimizer, config.base_lr, config.global_batch), self.total_steps,
                                     config.warmup_epochs * self.steps_per_epoch)
         self.tau_at = CosineTau(config.tau_base, self.total_steps)
         self.meta = {**{key: getattr(config, key) for key in RESUME_KEYS}, "steps_per_epoch": self.steps_per_epoch}
@@ -290,7 +293,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = self.manager.load(path)
-        check_compatible(state, self.meta, path)
+        check_compatible({**state, "meta": {**LEGACY_OPTIMIZER_META, **state.get("meta", {})}}, self.meta, path)
         try:
             self.learner.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
