@@ -30,9 +30,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from byol_fast.model import INITS, TORCHVISION_ENCODERS
+from byol_fast.model import INITS, check_encoder_name
 from byol_fast.optimizers import OPTIMIZERS
-from byol_fast.timm_encoders import check_timm_arch, is_timm_arch, prefix_hint
+from byol_fast.timm_encoders import is_timm_arch
 from pipelines.spec import AugmentationSpec, ViewSpec
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -170,14 +170,10 @@ class TrainConfig:
         _check_choice("device", self.device, DEVICES)
         _check_choice("init", self.init, INITS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        if is_timm_arch(self.arch):
-            check_timm_arch(self.arch)
-            if self.small_stem:
-                raise ValueError(f"small_stem=true applies to torchvision ResNets, not {self.arch}: drop "
-                                 f"--small-stem (a timm model keeps its own stem)")
-        elif self.arch not in TORCHVISION_ENCODERS:
-            raise ValueError(f"arch={self.arch!r} is not supported: use one of {', '.join(TORCHVISION_ENCODERS)}, "
-                             f"or a timm model as timm/<name> (e.g. timm/vit_small_patch16_224){prefix_hint(self.arch)}")
+        check_encoder_name(self.arch)
+        if is_timm_arch(self.arch) and self.small_stem:
+            raise ValueError(f"small_stem=true applies to torchvision ResNets, not {self.arch}: drop --small-stem "
+                             f"(a timm model keeps its own stem)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1) (AdamW's are 0.9 and 0.999)")

@@ -101,14 +101,14 @@ def load_encoder(arch: str | None, checkpoint: str | None = None, weights: str |
         arch = checkpoint_arch(state, arch)
         image_size = state.get("meta", {}).get("image_size")
         return encoder_for_features(arch, export_encoder(state["model"]), f"the encoder in {checkpoint}",
-                                    checkpoint_small_stem(state)), \
+                                    checkpoint_small_stem(state), image_size or 224), \
             {"arch": arch, "image_size": image_size, "source": str(checkpoint), "step": int(state["step"])}
     # An export's metadata says what the weights are and the size they were trained at; a plain torchvision
     # state_dict has none, and is taken for the usual ResNet-50 at 224.
     recorded = exported_metadata(weights)
     arch = arch or recorded.get("arch") or "resnet50"
     encoder = encoder_for_features(arch, read_encoder_weights(weights), f"the weights in {weights}",
-                                   bool(recorded.get("small_stem", False)))
+                                   bool(recorded.get("small_stem", False)), recorded.get("image_size") or 224)
     return encoder, {"arch": arch, "image_size": recorded.get("image_size"), "source": str(weights)}
 
 
@@ -221,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         source = sub.add_mutually_exclusive_group(required=True)
         source.add_argument("--checkpoint", help="a training checkpoint (run_dir/checkpoints/step_*.pt)")
         source.add_argument("--weights", help="an exported encoder state_dict (byol-fast export)")
-        sub.add_argument("--arch", choices=TORCHVISION_ENCODERS, default=None,
-                         help="encoder architecture (default: the checkpoint's, or the one in the .json that "
-                              "`byol-fast export` wrote beside --weights; else resnet50)")
+        sub.add_argument("--arch", default=None,
+                         help=f"encoder architecture: {', '.join(TORCHVISION_ENCODERS)} or timm/<name> (default: "
+                              f"the checkpoint's, or the one in the .json that `byol-fast export` wrote beside "
+                              f"--weights; else resnet50)")
         sub.add_argument("--data", required=True, help="folder with train/ and val/ class folders, or STL-10 binaries")
         sub.add_argument("--image-size", type=integer, default=None,
                          help="evaluation crop (default: the training size the checkpoint or the export's .json "

@@ -1,10 +1,16 @@
-"""`byol-fast export CKPT OUT.pt`: the trained encoder as a plain torchvision state_dict, plus metadata.
+"""`byol-fast export CKPT OUT.pt`: the trained encoder as a plain torchvision or timm state_dict, plus metadata.
 
 The output loads with `strict=True` into `torchvision.models.<arch>()` (for
 a run with small_stem, one whose conv1 and maxpool are swapped as
 byol_fast.model.SMALL_STEM says; `build_encoder(arch, small_stem=True)`) and
 gives the same representation as the trainer's `learner.online_encoder` (with
-`model.fc = nn.Identity()`, the 2048-d ResNet-50 avgpool feature).
+`model.fc = nn.Identity()`, the 2048-d ResNet-50 avgpool feature). A timm
+encoder (`timm/<name>`) was trained without a classifier, so its weights load
+strictly into `timm.create_model(<name>, num_classes=0)` (plus `img_size=<the
+training size>` for models whose shapes depend on it, such as ViTs: the .json's
+`format` holds the exact call), whose output is the representation; for a
+classifier, call `model.reset_classifier(n)` after loading. A random head is not
+exported: it would load, but it was never trained.
 `OUT.json` beside it says what it is: arch, image size, training step, the
 git SHA, versions and devices of the training attempt that wrote the checkpoint
 (`provenance`, with `provenance_source` saying where that record came from),
@@ -35,7 +41,8 @@ import torchvision
 from torch import Tensor, nn
 
 from byol_fast.checkpoint import CheckpointError, CheckpointManager
-from byol_fast.model import SMALL_STEM, TORCHVISION_ENCODERS, build_encoder
+from byol_fast.model import SMALL_STEM, TORCHVISION_ENCODERS, build_encoder, check_encoder_name
+from byol_fast.timm_encoders import create_call, is_timm_arch
 from pipelines.command_line import CommandParser
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -66,10 +73,12 @@ def export_encoder(learner_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _expected_shapes(arch: str, small_stem: bool = False) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a torchvision arch's state_dict, built on the meta device (no memory); cached, read-only."""
+def _expected_shapes(arch: str, small_stem: bool = False, image_size: int = 224) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an encoder's state_dict, built on the meta device (no memory); cached, read-only.
+    image_size matters for timm models whose shapes depend on it (a ViT's position embedding)."""
     with torch.device("meta"):
-        return {key: tuple(value.shape) for key, value in build_encoder(arch, small_stem).state_dict().items()}
+        net = build_encoder(arch, small_stem, image_size=image_size)
+        return {key: tuple(value.shape) for key, value in net.state_dict().items()}
 
 
 def _matching_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> int:
@@ -87,16 +96,21 @@ def _name_some(items: list[str]) -> str:
 
 
 def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the weights",
-                       small_stem: bool = False) -> None:
-    """Raise EncoderMismatchError unless `state` loads strictly into torchvision's `arch` (with the small stem).
+                       small_stem: bool = False, image_size: int = 224) -> None:
+    """Raise EncoderMismatchError unless `state` loads strictly into `arch` (torchvision's, with the small stem;
+    or timm's at `image_size`).
 
     The message lists missing and unexpected keys, keys whose shapes differ,
     and which of TORCHVISION_ENCODERS the weights do fit, if any.
     """
-    expected = _expected_shapes(arch, small_stem)
+    try:
+        check_encoder_name(arch)
+    except ValueError as error:
+        raise EncoderMismatchError(str(error)) from None
+    expected = _expected_shapes(arch, small_stem, image_size)
     if _fits(state, expected):
         return
-    if _fits(state, _expected_shapes(arch, not small_stem)):
+    if not is_timm_arch(arch) and _fits(state, _expected_shapes(arch, not small_stem)):
         stems = ("the small stem", "torchvision's stem") if small_stem else ("torchvision's stem", "the small stem")
         raise EncoderMismatchError(f"{source} fit {arch} with {stems[1]}, not with {stems[0]}: the encoder was "
                                    f"trained with small_stem={not small_stem} (byol_fast.model.SMALL_STEM)")
@@ -113,7 +127,10 @@ def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the w
         parts.append(f"{len(shapes)} shape mismatch(es) (weights vs {arch}): {_name_some(shapes)}")
     matches = [name for name in TORCHVISION_ENCODERS
                if name != arch and _fits(state, _expected_shapes(name, small_stem))]
-    if matches:
+    if is_timm_arch(arch):
+        hint = (f"Pass the --arch the run trained (the checkpoint's config records it); a ViT's position embedding "
+                f"fixes the image size ({image_size} here)")
+    elif matches:
         hint = f"They fit {' / '.join(matches)}: pass --arch {matches[0]}"
     else:
         score = {name: _matching_keys(state, _expected_shapes(name, small_stem)) / len(_expected_shapes(name))
@@ -121,7 +138,8 @@ def check_encoder_fits(state: dict[str, Tensor], arch: str, source: str = "the w
         closest = max(score, key=score.get)
         hint = (f"They fit none of {', '.join(TORCHVISION_ENCODERS)}; closest is {closest} "
                 f"({score[closest]:.0%} of its keys match in name and shape)")
-    raise EncoderMismatchError(f"{source} do not fit torchvision {arch}: {'; '.join(parts)}. {hint}")
+    library = "" if is_timm_arch(arch) else "torchvision "
+    raise EncoderMismatchError(f"{source} do not fit {library}{arch}: {'; '.join(parts)}. {hint}")
 
 
 def _newest_checkpoint_in(directory: Path) -> Path | None:
@@ -286,17 +304,23 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, arch: str | No
     arch = checkpoint_arch(state, arch)
     encoder = export_encoder(state["model"])
     small_stem = checkpoint_small_stem(state)
-    check_encoder_fits(encoder, arch, f"the encoder weights in {checkpoint}", small_stem)
     config = state.get("config", {})
+    image_size = state.get("meta", {}).get("image_size", config.get("image_size"))
+    check_encoder_fits(encoder, arch, f"the encoder weights in {checkpoint}", small_stem, image_size or 224)
     provenance, provenance_source = training_provenance(state, checkpoint)
-    model = f"torchvision.models.{arch}()" + (f" with {SMALL_STEM}" if small_stem else "")
+    if is_timm_arch(arch):
+        model = create_call(arch, image_size or 224)
+        representation = "the model's output (timm's pooled features, model.num_features wide; no classifier)"
+    else:
+        model = f"torchvision.models.{arch}()" + (f" with {SMALL_STEM}" if small_stem else "")
+        representation = "avgpool output (set model.fc = torch.nn.Identity() to read it)"
     metadata = {
         "format": f"{model} state_dict (load with strict=True; byol_fast.model.build_encoder({arch!r}, "
-                  f"small_stem={small_stem}) builds that model)",
+                  f"small_stem={small_stem}, image_size={image_size}) builds that model)",
         "arch": arch,
         "small_stem": small_stem,
-        "image_size": state.get("meta", {}).get("image_size", config.get("image_size")),
-        "representation": "avgpool output (set model.fc = torch.nn.Identity() to read it)",
+        "image_size": image_size,
+        "representation": representation,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "step": int(state["step"]),
@@ -305,7 +329,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, arch: str | No
         "provenance_source": provenance_source,
         "config": config,
         "checkpoint": str(checkpoint.resolve()),
-        "exported_with": {"torch": str(torch.__version__), "torchvision": torchvision.__version__},
+        "exported_with": {"torch": str(torch.__version__), "torchvision": torchvision.__version__,
+                          **({"timm": _timm_version()} if is_timm_arch(arch) else {})},
     }
     _atomic_write(output, lambda handle: torch.save(encoder, handle))
     text = json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n"
@@ -341,14 +366,21 @@ def read_encoder_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def encoder_for_features(arch: str, state: dict[str, Tensor], source: str = "the weights",
-                         small_stem: bool = False) -> nn.Module:
-    """torchvision `arch` (with the small stem) with `state` loaded strictly and `fc` replaced by Identity:
-    images -> representation."""
-    check_encoder_fits(state, arch, source, small_stem)
-    net = build_encoder(arch, small_stem)
+                         small_stem: bool = False, image_size: int = 224) -> nn.Module:
+    """`arch` with `state` loaded strictly, mapping images to the representation: torchvision's (with the small
+    stem) with `fc` replaced by Identity, or timm's at `image_size` (built without a classifier)."""
+    check_encoder_fits(state, arch, source, small_stem, image_size)
+    net = build_encoder(arch, small_stem, image_size=image_size)
     net.load_state_dict(state, strict=True)
-    net.fc = nn.Identity()
+    if not is_timm_arch(arch):
+        net.fc = nn.Identity()
     return net
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="a training checkpoint (run_dir/checkpoints/step_*.pt)")
     parser.add_argument("output", help="where to write the state_dict (.pt, in an existing folder); metadata goes "
                                        "to the same name with .json")
-    parser.add_argument("--arch", choices=TORCHVISION_ENCODERS, default=None,
-                        help="encoder architecture (default: the one the checkpoint recorded)")
+    parser.add_argument("--arch", default=None,
+                        help=f"encoder architecture: {', '.join(TORCHVISION_ENCODERS)} or timm/<name> "
+                             f"(default: the one the checkpoint recorded)")
     return parser
 
 

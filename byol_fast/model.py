@@ -31,13 +31,23 @@ import torchvision
 from torch import Tensor, nn
 
 from byol_fast.ema import ema_update_
-from byol_fast.timm_encoders import build_timm_encoder, is_timm_arch
+from byol_fast.timm_encoders import build_timm_encoder, check_timm_arch, is_timm_arch, prefix_hint
 
 TORCHVISION_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 INITS = ("official", "torchvision")
 """Network initialisations (module docstring)."""
 SMALL_STEM = "conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False); maxpool = nn.Identity()"
 """The small-image stem, as code: what build_encoder(name, small_stem=True) changes in torchvision's ResNet."""
+
+
+def check_encoder_name(name: str) -> None:
+    """Raise ValueError naming the fix unless `name` is a torchvision ResNet of TORCHVISION_ENCODERS or a timm
+    model timm knows (`timm/<name>`; without timm installed, the message is the pip command)."""
+    if is_timm_arch(name):
+        check_timm_arch(name)
+    elif name not in TORCHVISION_ENCODERS:
+        raise ValueError(f"arch={name!r} is not supported: use one of {', '.join(TORCHVISION_ENCODERS)}, "
+                         f"or a timm model as timm/<name> (e.g. timm/vit_small_patch16_224){prefix_hint(name)}")
 
 
 def build_encoder(name: str, small_stem: bool = False, zero_init_residual: bool = False,
