@@ -161,37 +161,68 @@ def _filter(x: Tensor, interpolation: str) -> Tensor:
     return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resize_weights(starts: Tensor, lengths: Tensor, in_length: int, size: int, interpolation: str,
-                   antialias: bool) -> Tensor:
-    """[N, size, in_length] matrices that resample the window [start, start + length) of an axis to `size`.
+def _support(interpolation: str) -> float:
+    """Half-width of the filter in input pixels before any antialias stretch: 2 (Keys cubic) or 1 (triangle)."""
+    return 2.0 if interpolation == "bicubic" else 1.0
 
-    The reference's resampling (reference.resize_weights) per sample: pixel-centre
-    geometry, the filter stretched by the shrink factor when antialiasing, taps
-    outside the window dropped and the rest renormalized (TF's resize of a
-    decoded crop; PIL and torchvision's antialiased resize).
+
+def resize_taps(starts: Tensor, lengths: Tensor, size: int, interpolation: str, antialias: bool,
+                longest: int) -> tuple[Tensor, Tensor]:
+    """Banded resampling of the window [start, start + length) of an axis to `size` outputs, per sample.
+
+    Returns (index, weight), both [N, size, taps]: output o of sample n is
+    sum_t weight[n, o, t] * x[index[n, o, t]]. That is the reference's
+    resampling (reference.resize_weights): pixel-centre geometry, the filter
+    stretched by the shrink factor when antialiasing, taps outside the window
+    dropped and the rest renormalized (TF's resize of a decoded crop; PIL and
+    torchvision's antialiased resize). Only the taps under the filter are
+    kept (5 for bicubic without antialias), where the full [size, length]
+    matrix would multiply mostly zeros. `longest` (a Python int, no sync)
+    bounds the lengths and so the tap count when antialiasing.
     """
     starts, lengths = starts.to(torch.float32), lengths.to(torch.float32)
     scale = lengths / size
     stretch = scale.clamp(min=1.0) if antialias else torch.ones_like(scale)
-    outputs = torch.arange(size, device=starts.device, dtype=torch.float32) + 0.5
-    taps = torch.arange(in_length, device=starts.device, dtype=torch.float32) + 0.5
-    centres = starts[:, None] + outputs[None, :] * scale[:, None]  # [N, size]
-    weights = _filter((taps[None, None, :] - centres[:, :, None]) / stretch[:, None, None], interpolation)
-    inside = (taps[None, :] > starts[:, None]) & (taps[None, :] < (starts + lengths)[:, None])  # [N, in_length]
-    weights = weights * inside[:, None, :]
-    return weights / weights.sum(dim=2, keepdim=True)
+    reach = _support(interpolation) * stretch  # [N] half-width of the filter in input pixels
+    taps = math.ceil(2 * _support(interpolation) * (max(longest / size, 1.0) if antialias else 1.0)) + 1
+    centres = starts[:, None] + (torch.arange(size, device=starts.device, dtype=torch.float32) + 0.5) * scale[:, None]
+    # The first input pixel whose centre lies inside the filter's open support, then `taps` pixels from it.
+    first = torch.floor(centres - 0.5 - reach[:, None]) + 1
+    index = first[:, :, None] + torch.arange(taps, device=starts.device, dtype=torch.float32)
+    weight = _filter((index + 0.5 - centres[:, :, None]) / stretch[:, None, None], interpolation)
+    ends = (starts + lengths)[:, None, None]
+    weight = weight * ((index + 0.5 > starts[:, None, None]) & (index + 0.5 < ends))
+    weight = weight / weight.sum(dim=2, keepdim=True)
+    # Taps past the window have weight 0; clamping keeps their (unused) reads inside it.
+    index = torch.minimum(torch.maximum(index, starts[:, None, None]), ends - 1)
+    return index.to(torch.int64), weight
+
+
+def resample_rows(x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+    """x [N, C, L, M] resampled along L with resize_taps' (index, weight) [N, S, T]: [N, C, S, M].
+
+    The taps are whole rows picked by one index_select over all samples and
+    channels (a row copy each), then weighted and summed.
+    """
+    n, c, length, m = x.shape
+    s, t = index.shape[1:]
+    plane = torch.arange(n * c, device=x.device).view(n, c, 1) * length  # first row of each (sample, channel)
+    rows = (plane + index.view(n, 1, s * t)).flatten()
+    taps = x.reshape(n * c * length, m).index_select(0, rows).view(n, c, s, t, m)
+    return (taps * weight.view(n, 1, s, t, 1).to(x.dtype)).sum(dim=3)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, antialias: bool = False,
                  flip: Tensor | None = None) -> Tensor:
-    """Crop each image to its box, resize to size x size and optionally mirror it: two batched matmuls.
+    """Crop each image to its box, resize to size x size and optionally mirror it: two banded resamples.
 
     images: [N, C, H, W] float; boxes: [N, 4] (top, left, height, width);
     flip: [N] bool or None. The result is the reference's resize of the crop
     (reference.resize: Keys cubic a=-0.5 or triangle, taps outside the box
-    dropped, antialias as asked) up to float32 rounding, as rows @ image @ cols^T
-    with per-sample resampling matrices; a flip reverses the column matrix.
-    Values are not clamped (bicubic can overshoot [0, 1] slightly).
+    dropped, antialias as asked) up to float32 rounding: rows, then columns,
+    each a gather of the taps under the filter and their weighted sum; a flip
+    reverses the order of the output columns. Values are not clamped (bicubic
+    can overshoot [0, 1] slightly).
     """
     if interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"interpolation={interpolation!r}: use 'bilinear' or 'bicubic'")
@@ -199,12 +230,19 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, a
         raise TypeError(f"resized_crop needs float [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}: "
                         f"convert uint8 with images.float() / 255")
     top, left, box_h, box_w = boxes.to(device=images.device, dtype=torch.float32).unbind(dim=1)
-    rows = resize_weights(top, box_h, images.shape[-2], size, interpolation, antialias)
-    cols = resize_weights(left, box_w, images.shape[-1], size, interpolation, antialias)
+    row_index, row_weight = resize_taps(top, box_h, size, interpolation, antialias, images.shape[-2])
+    col_index, col_weight = resize_taps(left, box_w, size, interpolation, antialias, images.shape[-1])
     if flip is not None:
-        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
-    rows, cols = rows.to(images.dtype), cols.to(images.dtype)
-    return torch.matmul(torch.matmul(rows[:, None], images), cols.transpose(1, 2)[:, None])
+        mirrored = flip[:, None, None]
+        col_index = torch.where(mirrored, col_index.flip(1), col_index)
+        col_weight = torch.where(mirrored, col_weight.flip(1), col_weight)
+    return resample_both(images, (row_index, row_weight), (col_index, col_weight))
+
+
+def resample_both(images: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor, Tensor]) -> Tensor:
+    """[N, C, H, W] resampled along H with the `rows` taps, then along W with the `cols` taps: [N, C, S, S]."""
+    resized = resample_rows(images, *rows)
+    return resample_rows(resized.transpose(2, 3), *cols).transpose(2, 3)
 
 
 def sample_view_params(n: int, view: ViewSpec, device: torch.device | str,
@@ -236,6 +274,17 @@ def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+def _pick(chosen: Tensor, when_true: Tensor, when_false: Tensor) -> Tensor:
+    """Per sample, `when_true` where `chosen` ([N] bool) else `when_false`; both finite.
+
+    The select is arithmetic (a * 1 + b * 0 is exactly a for finite values):
+    a CPU torch.where with a broadcast mask costs ~10x an elementwise product,
+    and on a GPU both are one pass over memory.
+    """
+    mask = _per_sample(chosen.to(when_true.dtype))
+    return torch.addcmul(when_false * (1 - mask), when_true, mask)
+
+
 def _gray(images: Tensor) -> Tensor:
     """[N, 3, H, W] -> [N, 1, H, W] luma, with torchvision's weights and operation order."""
     r, g, b = images.unbind(dim=1)
@@ -258,42 +307,53 @@ def _jitter_slot(images: Tensor, value: Tensor, op: Tensor, recipe: str) -> Tens
                    saturation a=r, b=(1-r) * v with v the max channel and r = min(f, v / (v - min)):
                    HSV saturation s -> min(s f, 1) at fixed hue and value, without the HSV round trip.
       torchvision  a=f, b=(1-f) * {0, mean gray level, grayscale image} (torchvision's _blend).
-    All three are computed and one is selected per sample, so the kernel count does not depend on
-    the draws; an op's identity value (delta 0, factor 1) is an exact pass-through.
+    The per-pixel part (saturation's) is computed for every sample and weighted by a per-sample 0/1,
+    the per-sample parts are summed with 0/1 weights, so the kernel count does not depend on the
+    draws and every result is exactly its own op's (x * 1 + 0 = x); an op's identity value (delta 0,
+    factor 1) is an exact pass-through.
     """
+    # One-hot by comparison: F.one_hot checks its input's range, a host sync.
+    chosen = (op[:, None] == torch.arange(3, device=op.device)).to(images.dtype)
+    brightness, contrast, saturation = (_per_sample(w) for w in chosen.unbind(dim=1))
     v = _per_sample(value)
-    op = _per_sample(op)
     if recipe == "official":
-        minc, maxc = images.aminmax(dim=1, keepdim=True)
+        maxc, minc = images.amax(dim=1, keepdim=True), images.amin(dim=1, keepdim=True)
         ratio = torch.minimum(v, maxc / (maxc - minc).clamp_(min=1e-12))  # grays: any ratio is exact
         channel_mean = images.mean(dim=(-2, -1), keepdim=True)
-        scale = torch.where(op == 2, ratio, torch.where(op == 1, v, torch.ones_like(v)))
-        shift = torch.where(op == 2, (1 - ratio) * maxc, torch.where(op == 1, (1 - v) * channel_mean, v))
-        return torch.addcmul(shift, images, scale).clamp_(0, 1)
+        scale = torch.addcmul(brightness + contrast * v, saturation, ratio)  # [N, 1, H, W]
+        pixel_shift = (1 - ratio).mul_(maxc).mul_(saturation)
+        sample_shift = brightness * v + contrast * (1 - v) * channel_mean  # [N, 3, 1, 1]
+        return torch.addcmul(pixel_shift, images, scale).add_(sample_shift).clamp_(0, 1)
     gray = _gray(images)
-    other = torch.where(op == 2, gray, torch.where(op == 1, gray.mean(dim=(-3, -2, -1), keepdim=True),
-                                                   torch.zeros_like(v)))
-    return torch.addcmul((1 - v) * other, images, v).clamp_(0, 1)
-
-
+    sample_shift = (1 - v) * contrast * gray.mean(dim=(-3, -2, -1), keepdim=True)
+    pixel_shift = gray.mul_((1 - v) * saturation)
+    return torch.addcmul(pixel_shift, images, v).add_(sample_shift).clamp_(0, 1)
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     """torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, HSV -> RGB) with a per-sample shift.
 
     The HSV -> RGB step uses the closed form channel = V - C * clamp(min(k, 4 - k), 0, 1),
     k = (n + 6 h) mod 6 (n = 5, 3, 1 for R, G, B; C = V * S = max - min), which is
-    torchvision's piecewise table written without a gather.
+    torchvision's piecewise table written without a gather. The hue's sector (which channel is
+    the max; ties resolve R before G before B, as in torchvision) is chosen with 0/1 weights, not
+    torch.where, for the CPU's sake (see _pick).
     """
     r, g, b = images.unbind(dim=1)
-    minc, maxc = images.aminmax(dim=1)
+    maxc, minc = images.amax(dim=1), images.amin(dim=1)
     chroma = maxc - minc
-    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)  # gray pixels: hue is irrelevant (C = 0)
-    # Hue in sixths of a turn; ties resolve R before G before B, as in torchvision.
-    hue6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    hue6 = hue6 + 6 * shift.view(-1, 1, 1)
+    is_red = torch.eq(r, maxc, out=torch.empty_like(maxc))
+    is_green = torch.eq(g, maxc, out=torch.empty_like(maxc)).mul_(1 - is_red)
+    is_blue = 1 - is_red - is_green
+    # Hue in sixths of a turn: (g - b) / C, (b - r) / C + 2 or (r - g) / C + 4 by sector.
+    # Gray pixels (C = 0) get any finite hue: their channels are V whatever the hue.
+    numerator = (g - b).mul_(is_red).addcmul_(b - r, is_green).addcmul_(r - g, is_blue)
+    hue6 = numerator.div_(chroma.clamp(min=1e-12)).add_(is_green, alpha=2).add_(is_blue, alpha=4)
+    hue6.add_(6 * shift.view(-1, 1, 1))
+    hue6.sub_(hue6.div(6).floor_().mul_(6))  # into [0, 6)
     offsets = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + hue6.unsqueeze(1), 6)
+    k = offsets + hue6.unsqueeze(1)  # [1, 11): one wrap left, k - 6 is exact there
+    k.sub_(torch.ge(k, 6, out=torch.empty_like(k)).mul_(6))
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1)
 
 
 def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
@@ -317,7 +377,7 @@ def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
             identity = torch.where(op == 0, identity_values[0], identity_values[1]).to(drawn.dtype)
             x = _jitter_slot(x, torch.where(params.jittered & in_phase, drawn, identity), op, recipe)
         if before_hue:
-            x = torch.where(_per_sample(params.jittered), _shift_hue(x, params.jitter_factors[:, 3]), x)
+            x = _pick(params.jittered, _shift_hue(x, params.jitter_factors[:, 3]), x)
     return x
 
 
@@ -356,9 +416,10 @@ def apply_view_params(images: Tensor, params: ViewParams, kernel_size: int, sola
                          f"{min(images.shape[-2:])}: use spec.blur_kernel_size")
     x = _horizontal_flip(images, params.flipped) if flip else images
     x = _color_jitter(x, params, recipe)
-    x = torch.where(_per_sample(params.grayscaled), _gray(x).expand_as(x), x)
-    x = torch.where(_per_sample(params.blurred), _gaussian_blur(x, params.sigmas, kernel_size, recipe), x)
-    return torch.where(_per_sample(params.solarized) & (x >= solarize_threshold), 1 - x, x)
+    x = _pick(params.grayscaled, _gray(x).expand_as(x), x)
+    x = _pick(params.blurred, _gaussian_blur(x, params.sigmas, kernel_size, recipe), x)
+    inverted = torch.ge(x, solarize_threshold, out=torch.empty_like(x)).mul_(_per_sample(params.solarized.to(x.dtype)))
+    return torch.addcmul(x * (1 - inverted), 1 - x, inverted)
 
 
 def apply_view(images: Tensor, view: ViewSpec, kernel_size: int, generator: torch.Generator | None = None,

@@ -7,8 +7,8 @@ decode thread on a side stream: torchvision's host sync around nvjpeg holds
 that thread, and the caller's stream waits for the decode on the device, so
 the thread that launches the training step is never held. Each image is cropped twice
 on its device with boxes from `torch_aug.sample_crop_boxes` (drawn on the host,
-so slicing needs no sync) and each crop is resized to S x S by two matmuls
-with `torch_aug.resize_weights` matrices (the recipe's resampling:
+so slicing needs no sync) and each crop is resized to S x S by two banded
+resamples with `torch_aug.resize_taps` (the recipe's resampling:
 reference.resize up to float32 rounding). The batched colour stage (`TorchTwoViewAugment.colour`: flip, jitter,
 grayscale, blur, solarize, normalize) then writes each view, optionally straight
 into the caller's static buffers.
@@ -33,11 +33,10 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from pipelines.decode import decode_rgb, sniff_format
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
-from pipelines.torch_aug import TorchTwoViewAugment, epoch_seeds, resize_weights, sample_crop_boxes
+from pipelines.torch_aug import TorchTwoViewAugment, epoch_seeds, resample_both, resize_taps, sample_crop_boxes
 
-# Crops whose resampling matrices are built together: [2 * 64, S, longest side] floats, ~57 MB at S = 224
-# and 500-px sides, built in a few kernels instead of ~60 per crop.
-_WEIGHT_CHUNK = 64
+# Crops whose resampling taps are built together, in a few kernels instead of ~20 per crop.
+_TAPS_CHUNK = 64
 # JPEG start-of-frame markers (SOF0..SOF15 minus DHT C4, JPG C8, DAC CC): their header holds the component count.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -262,11 +261,10 @@ class TorchImagePipeline:
         """Two random resized crops of every image, [B, 3, S, S] float in [0, 1] each.
 
         Boxes are drawn on the host (image sizes are known there), so slicing
-        is plain indexing. The resampling matrices of all crops are built in a
-        few batched kernels (torch_aug.resize_weights, in chunks so that
-        padding to the longest side stays small), then each crop is two matmuls
-        written into the batch: two kernels per crop, as one interpolate and
-        one copy were before.
+        is plain indexing. The resampling taps of all crops are built in a few
+        batched kernels (torch_aug.resize_taps, in chunks so that the tap count
+        follows the chunk's longest side), then each crop is resampled along
+        its rows and its columns (torch_aug.resample_both) into the batch.
         """
         spec, batch = self.spec, len(decoded)
         heights = torch.tensor([image.shape[-2] for image in decoded])
@@ -274,25 +272,25 @@ class TorchImagePipeline:
         boxes = [sample_crop_boxes(heights, widths, view, generator, spec.recipe).int() for view in spec.views]
         crops = torch.empty(2, batch, 3, spec.image_size, spec.image_size, device=self.device)
         units = [image.to(torch.float32).mul_(1.0 / 255) for image in decoded]
-        for first in range(0, batch, _WEIGHT_CHUNK):
-            chunk = [box[first:first + _WEIGHT_CHUNK] for box in boxes]
+        for first in range(0, batch, _TAPS_CHUNK):
+            chunk = [box[first:first + _TAPS_CHUNK] for box in boxes]
             sides = torch.cat(chunk)[:, 2:]  # [2 * chunk, 2] (h, w): view 1's crops, then view 2's
-            rows, cols = (self._weights(sides[:, axis]) for axis in (0, 1))
+            rows, cols = (self._taps(sides[:, axis]) for axis in (0, 1))
             count = len(chunk[0])
             for v in (0, 1):
                 for j, (top, left, h, w) in enumerate(chunk[v].tolist()):
-                    k = v * count + j
-                    window = units[first + j][:, top:top + h, left:left + w]
-                    torch.matmul(torch.matmul(rows[k, :, :h], window), cols[k, :, :w].T, out=crops[v, first + j])
+                    k = slice(v * count + j, v * count + j + 1)
+                    window = units[first + j][None, :, top:top + h, left:left + w]
+                    crops[v, first + j] = resample_both(window, (rows[0][k], rows[1][k]), (cols[0][k], cols[1][k]))[0]
         # Bicubic overshoots [0, 1]; both recipes clip it.
         crops.clamp_(0, 1)
         return crops[0], crops[1]
 
-    def _weights(self, lengths: Tensor) -> Tensor:
-        """[N, S, max length] resampling matrices of windows of these lengths, on the device (no host sync)."""
+    def _taps(self, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """resize_taps of windows of these lengths starting at 0, on the device (no host sync)."""
         longest = int(lengths.max())
         lengths = lengths.to(torch.float32)
         if self.device.type == "cuda":
             lengths = lengths.pin_memory().to(self.device, non_blocking=True)
-        return resize_weights(torch.zeros_like(lengths), lengths, longest, self.spec.image_size,
-                              self.spec.interpolation, self.spec.antialias)
+        return resize_taps(torch.zeros_like(lengths), lengths, self.spec.image_size, self.spec.interpolation,
+                           self.spec.antialias, longest)

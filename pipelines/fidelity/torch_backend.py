@@ -23,7 +23,9 @@ def apply_op(op: str, images: np.ndarray, values: np.ndarray, spec: Augmentation
         factors[:, JITTER_OPS.index(op)] = torch.from_numpy(values).float()
     params = ViewParams(flipped=no, jittered=yes if op in JITTER_OPS else no, jitter_factors=factors,
                         jitter_order=torch.arange(4).repeat(n, 1), grayscaled=yes if op == "grayscale" else no,
-                        blurred=yes if op == "blur" else no, sigmas=torch.from_numpy(values).float(),
+                        blurred=yes if op == "blur" else no,
+                        # Finite sigmas for every op: an unselected blur still runs (compute-then-select).
+                        sigmas=torch.from_numpy(values).float() if op == "blur" else torch.ones(n),
                         solarized=yes if op == "solarize" else no)
     out = apply_view_params(x, params, spec.blur_kernel_size, spec.view2.solarize_threshold, recipe=spec.recipe)
     return out.double().numpy()
