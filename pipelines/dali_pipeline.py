@@ -1,9 +1,13 @@
-"""NVIDIA DALI backend: read, decode once, make both BYOL views on the GPU (or CPU), hand torch tensors over.
+"""NVIDIA DALI backend: read, decode once, crop both BYOL views on the GPU (or CPU), colour them with torch.
 
 Graph per step: file paths of this rank's next batch -> `fn.io.file.read` (DALI's
 C++ thread pool) -> `fn.decoders.image` once per file ("mixed": nvJPEG with the
-hardware JPEG decoder where the GPU has one; "cpu" in CPU mode) -> two views
-from the same decoded image (pipelines/dali_ops.py) -> fp16 NHWC batches.
+hardware JPEG decoder where the GPU has one; "cpu" in CPU mode) -> two resized
+crops of the same decoded image (pipelines/dali_ops.py) -> float32 NHWC
+batches. The colour half of each view (flip, jitter, grayscale, blur,
+solarize, normalize) is then `TorchTwoViewAugment.colour` on the same device
+and stream, as for the torch and FFCV backends: one definition of every op,
+and a few dozen batched kernels instead of hundreds of DALI operators.
 
 Why not `fn.readers.file`: its `random_shuffle` is a 1024-sample buffer, which
 on ImageNet's class-sorted file list yields batches from one or two classes;
@@ -17,10 +21,10 @@ epoch). A tiny Python source feeds only the encoded paths; the bytes are read
 by DALI's threads, so Python does no I/O.
 
 Seeds: the data order uses `seed` on every rank (the shards must agree). The
-augmentation randomness uses DALI's random operators, seeded per pipeline with
-SeedSequence([seed, rank, first batch]) (31 bits; first batch = epoch *
-batches per epoch + start batch): different on every rank, reproducible for a
-given seed, and fresh after a resume elsewhere.
+crop boxes use DALI's random operators and the colour stage a torch generator,
+both seeded per pipeline with SeedSequence([seed, rank, first batch]) (31
+bits; first batch = epoch * batches per epoch + start batch): different on
+every rank, reproducible for a given seed, and fresh after a resume elsewhere.
 
 Bad files: DALI's decode errors do not say which file broke. Scanning every
 file up front costs minutes on ImageNet, so instead, when a step fails, the
@@ -44,17 +48,17 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 
 from pipelines.check_data import UNREADABLE, check_file
-from pipelines.dali_ops import make_view
+from pipelines.dali_ops import make_crop
 from pipelines.decode import probe_image
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
+from pipelines.torch_aug import TorchTwoViewAugment
 
-DEBUG_FIELDS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "jitter_order", "gray", "blur",
-                "sigma", "solarize", "crop_anchor", "crop_extent", "image_shape")
-"""Per-view draws a `debug_outputs=True` pipeline returns after (view1, view2, labels): view 1's, then view 2's."""
+DEBUG_FIELDS = ("crop_anchor", "crop_extent", "image_shape")
+"""Per-view crop draws a `debug_outputs=True` pipeline returns after (crop1, crop2, labels): view 1's, then 2's."""
 
-# Torch training dtypes -> what DALI writes (it has no bfloat16: bf16 is one cast on the torch side).
-_DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
+# Training dtypes the colour stage writes.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Formats DALI's image decoder reads; others are named in the error even if PIL could open them.
 _DALI_FORMATS = frozenset({"jpeg", "png", "bmp", "tiff", "webp"})
 
@@ -101,14 +105,14 @@ class EpochShardSource:
         return [self.files[i] for take in waiting for i in take]
 
 
-@pipeline_def(enable_conditionals=True, exec_dynamic=True)
+@pipeline_def(exec_dynamic=True)
 def byol_two_view_pipeline(source: EpochShardSource, spec: AugmentationSpec, device: str = "gpu",
-                           dtype: types.DALIDataType = types.FLOAT16, debug_outputs: bool = False):
-    """BYOL's two views of each image `source` names: (view1, view2, labels[, draws...]).
+                           debug_outputs: bool = False):
+    """The two resized crops of each image `source` names: (crop1, crop2, labels[, draws...]).
 
-    Views are normalized HWC in `dtype` (FLOAT16 or FLOAT), on the GPU when
-    device == "gpu" (decoded by the "mixed" nvJPEG decoder), else on the CPU.
-    With `debug_outputs`, the DEBUG_FIELDS draws of view 1 then view 2 follow.
+    Crops are float32 HWC in [0, 1], on the GPU when device == "gpu" (decoded
+    by the "mixed" nvJPEG decoder), else on the CPU; the colour stage is the
+    loader's. With `debug_outputs`, the DEBUG_FIELDS draws of view 1 then view 2 follow.
     Pass the usual pipeline_def arguments (batch_size = source.batch_size,
     num_threads, device_id (None in CPU mode), seed, prefetch_queue_depth).
     """
@@ -117,8 +121,8 @@ def byol_two_view_pipeline(source: EpochShardSource, spec: AugmentationSpec, dev
     encoded = fn.io.file.read(paths)
     image_shape = fn.peek_image_shape(encoded)
     images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-    views, draws = zip(*(make_view(images, image_shape, view, spec, dtype) for view in spec.views))
-    outputs = [*views, labels.gpu() if device == "gpu" else labels]
+    crops, draws = zip(*(make_crop(images, image_shape, view, spec) for view in spec.views))
+    outputs = [*crops, labels.gpu() if device == "gpu" else labels]
     if debug_outputs:
         outputs += [d[name] for d in draws for name in DEBUG_FIELDS]
     return tuple(outputs)
@@ -148,8 +152,8 @@ def _unpack(images: ImageList | tuple[Sequence[str], Sequence[int]]) -> tuple[li
 class DaliTwoViewLoader:
     """Iterate BYOL batches `(view1, view2, labels)` made by a DALI pipeline, one epoch per `iter()`.
 
-    Views follow the DESIGN data contract: (B, 3, S, S) channels_last (a
-    zero-copy permute of DALI's NHWC output), ImageNet-normalized, in `dtype`,
+    Views follow the DESIGN data contract: (B, 3, S, S) channels_last,
+    ImageNet-normalized, in `dtype` (float32, float16 or bfloat16),
     on the current CUDA device (device="gpu") or the CPU (device="cpu", DALI's
     CPU mode), every batch full. `len()` is the batches per epoch, the same on
     every rank. Labels are int64 on the same device.
@@ -163,14 +167,12 @@ class DaliTwoViewLoader:
     pipeline (about a second).
 
     `out=(buf1, buf2)`: static (B, 3, S, S) channels_last tensors of `dtype` on
-    the device (e.g. a CUDA graph's inputs). Every batch is then written into
-    them (one copy kernel per view, the bf16 cast fused in) and they are what
-    is yielded. Without `out`, fp16 and fp32 views are DALI's own output
-    buffers (zero copy, and safe to keep: DALI's dynamic executor never
-    recycles a buffer that is still referenced); bf16 views are one cast each.
+    the device (e.g. a CUDA graph's inputs). The colour stage's last kernel
+    (normalize) then writes every batch into them, and they are what is
+    yielded; without `out` each batch gets new tensors.
 
-    On the GPU all copies run on the current torch stream, which DALI's outputs
-    are bound to: no host synchronization per batch. `debug_outputs=True` adds
+    On the GPU the colour stage runs on the current torch stream, which DALI's
+    outputs are bound to: no host synchronization per batch. `debug_outputs=True` adds
     a fourth item, {"view1": {field: np.ndarray}, "view2": {...}} over
     DEBUG_FIELDS, for tests.
     """
@@ -184,7 +186,7 @@ class DaliTwoViewLoader:
             raise ValueError(f"device={device!r}: use 'gpu' (mixed nvJPEG decode, GPU augmentation) or 'cpu'")
         if device == "gpu" and not torch.cuda.is_available():
             raise ValueError("device='gpu' needs CUDA, which torch cannot see here: use device='cpu' (DALI CPU mode)")
-        if dtype not in _DALI_DTYPE:
+        if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
         if batch_size < 1 or prefetch < 1 or (num_threads is not None and num_threads < 1):
             raise ValueError(f"batch_size={batch_size}, prefetch={prefetch} and num_threads={num_threads} must be >= 1")
@@ -206,6 +208,8 @@ class DaliTwoViewLoader:
         self._source: EpochShardSource | None = None
         self._position = (-1, 0)  # (epoch, batch) the pipeline delivers next
         self._delivered = 0  # batches this pipeline delivered
+        self._augment = TorchTwoViewAugment(spec, self.torch_device, dtype)
+        self._generator = torch.Generator(self.torch_device)  # the colour draws, seeded with the pipeline
 
     def _check_out(self, out: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if out is None:
@@ -238,12 +242,13 @@ class DaliTwoViewLoader:
         self._source = EpochShardSource(self.files, self.labels, self.batch_size, self.rank, self.world_size,
                                         self.seed, self.shuffle, start_epoch=epoch, start_batch=start,
                                         history=self.prefetch + 2)
+        seed = pipeline_seed(self.seed, self.rank, epoch * self._batches + start)
         self._pipe = byol_two_view_pipeline(
-            self._source, self.spec, self.device, _DALI_DTYPE[self.dtype], self.debug_outputs,
+            self._source, self.spec, self.device, self.debug_outputs,
             batch_size=self.batch_size, num_threads=self.num_threads, prefetch_queue_depth=self.prefetch,
-            device_id=self.torch_device.index if self.device == "gpu" else None,
-            seed=pipeline_seed(self.seed, self.rank, epoch * self._batches + start))
+            device_id=self.torch_device.index if self.device == "gpu" else None, seed=seed)
         self._pipe.build()
+        self._generator.manual_seed(seed)
         self._position, self._delivered = (epoch, start), 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -270,7 +275,7 @@ class DaliTwoViewLoader:
         epoch, batch = self._position
         self._position = (epoch + 1, 0) if batch + 1 == self._batches else (epoch, batch + 1)
         buffers = self.out or (None, None)
-        views = tuple(self._to_view(outputs[k], buffers[k]) for k in range(2))
+        views = tuple(self._colour(outputs[k], k, buffers[k]) for k in range(2))
         labels = torch.from_dlpack(outputs[2].as_tensor())
         if not self.debug_outputs:
             return (*views, labels)
@@ -279,14 +284,11 @@ class DaliTwoViewLoader:
         debug = {f"view{k + 1}": dict(zip(DEBUG_FIELDS, values[k * count:(k + 1) * count])) for k in range(2)}
         return (*views, labels, debug)
 
-    def _to_view(self, batch: TensorListCPU | TensorListGPU, buffer: torch.Tensor | None) -> torch.Tensor:
-        nhwc = torch.from_dlpack(batch.as_tensor())  # zero-copy (B, S, S, 3)
-        if buffer is not None:
-            buffer.permute(0, 2, 3, 1).copy_(nhwc)  # the channels_last buffer's memory is NHWC; cast fused in
-            return buffer
-        if nhwc.dtype != self.dtype:
-            nhwc = nhwc.to(self.dtype)
-        return nhwc.permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
+    def _colour(self, batch: TensorListCPU | TensorListGPU, view_index: int,
+                buffer: torch.Tensor | None) -> torch.Tensor:
+        """View `view_index` of a batch of DALI crops: the torch colour stage, written into `buffer` if given."""
+        crops = torch.from_dlpack(batch.as_tensor()).permute(0, 3, 1, 2)  # zero-copy NCHW, channels_last strides
+        return self._augment.colour(crops, view_index, self._generator, out=buffer)
 
 
 def explain_failure(err: RuntimeError, candidates: Sequence[str]) -> Exception:

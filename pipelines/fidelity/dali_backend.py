@@ -1,9 +1,10 @@
-"""The DALI backend's ops for pipelines.fidelity: pipelines/dali_ops.py's functions in small CPU-mode pipelines.
+"""The DALI backend's ops for pipelines.fidelity: pipelines/dali_ops.py's crop and resize in small CPU-mode pipelines.
 
-Images and per-sample values enter through `fn.external_source`, and each
-function below builds its graph from the same dali_ops functions make_view
-uses (the jitter through color_jitter's per-sample slots), so what is measured
-is the training code in DALI's CPU mode.
+Images and boxes enter through `fn.external_source`, and the graphs are built
+from the same dali_ops functions make_crop uses, so what is measured is the
+training code in DALI's CPU mode. The colour stage is the torch backend's
+(DaliTwoViewLoader hands DALI's crops to TorchTwoViewAugment.colour), so
+apply_op is torch_backend's.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from collections.abc import Callable
 
 import numpy as np
 import nvidia.dali.fn as fn
-import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from pipelines import dali_ops
-from pipelines.reference import JITTER_OPS, identity_jitter_values
+from pipelines.fidelity.torch_backend import apply_op
 from pipelines.spec import AugmentationSpec, ViewSpec
+
+__all__ = ["apply_op", "crop_boxes", "resize", "run_cpu"]
 
 
 def _constant(batch: list[np.ndarray]) -> Callable[[], list[np.ndarray]]:
@@ -27,7 +29,7 @@ def _constant(batch: list[np.ndarray]) -> Callable[[], list[np.ndarray]]:
 def run_cpu(graph: Callable, *batches: list[np.ndarray], layouts: tuple[str, ...] = (), seed: int = 0) -> list:
     """One iteration of a CPU-mode pipeline: `graph(*inputs)` on one external_source per batch (a list of
     per-sample arrays; the first len(layouts) get those layouts). Returns each output as a list of arrays."""
-    @pipeline_def(batch_size=len(batches[0]), num_threads=1, device_id=None, enable_conditionals=True, seed=seed)
+    @pipeline_def(batch_size=len(batches[0]), num_threads=1, device_id=None, seed=seed)
     def pipe():
         # A source callable with a parameter would be handed the iteration number: bind the batch in a closure.
         inputs = [fn.external_source(source=_constant(batch), batch=True, layout=layout)
@@ -38,32 +40,6 @@ def run_cpu(graph: Callable, *batches: list[np.ndarray], layouts: tuple[str, ...
     built = pipe()
     built.build()
     return [[np.array(out.at(i)) for i in range(len(out))] for out in built.run()]
-
-
-def _colour_graph(op: str, spec: AugmentationSpec) -> Callable:
-    if op in JITTER_OPS:
-        index = JITTER_OPS.index(op)
-
-        def jitter_first(images, value):
-            # The op in slot 0 with its value; the other three after it with their identity values.
-            values = [value if k == index else v for k, v in enumerate(identity_jitter_values(spec.recipe))]
-            order = types.Constant(np.int32([index, *(k for k in range(len(JITTER_OPS)) if k != index)]))
-            return dali_ops.color_jitter(images, values, order, spec.recipe)
-        return jitter_first
-    if op == "grayscale":
-        return lambda images, value: dali_ops.grayscale(images)
-    if op == "blur":
-        return lambda images, sigma: dali_ops.gaussian_blur(images, sigma, spec.blur_kernel_size, spec.recipe)
-    if op == "solarize":
-        return lambda images, value: dali_ops.solarize(images, spec.view2.solarize_threshold)
-    raise ValueError(f"unknown op {op!r}")
-
-
-def apply_op(op: str, images: np.ndarray, values: np.ndarray, spec: AugmentationSpec) -> np.ndarray:
-    """One colour op on float64 [N, 3, S, S] images with per-sample values (pipelines.fidelity)."""
-    hwc = list(np.ascontiguousarray(images.transpose(0, 2, 3, 1), dtype=np.float32))
-    (out,) = run_cpu(_colour_graph(op, spec), hwc, [np.array(v, np.float32) for v in values], layouts=("HWC",))
-    return np.stack(out).transpose(0, 3, 1, 2).astype(np.float64)
 
 
 def resize(images: np.ndarray, boxes: np.ndarray, spec: AugmentationSpec) -> np.ndarray:
