@@ -21,7 +21,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def test_shipped_presets():
-    assert available_presets() == ["demo", "imagenet-1000ep", "imagenet-300ep", "small-images", "throughput"]
+    assert available_presets() == ["demo", "imagenet-1000ep", "imagenet-300ep", "small-data", "small-images",
+                                   "throughput"]
 
 
 @pytest.mark.parametrize("name, base_lr, weight_decay, tau_base, epochs, peak_lr", [
@@ -85,7 +86,7 @@ def test_parse_value_types():
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown preset 'imagenet'.*demo, imagenet-1000ep, imagenet-300ep, small-images, throughput"):
+    with pytest.raises(ValueError, match="unknown preset 'imagenet'.*demo, imagenet-1000ep, imagenet-300ep, small-data, small-images, throughput"):
         resolve_config("imagenet")
 
 
@@ -198,6 +199,8 @@ def test_synthetic_data_is_written_when_missing_or_stale_and_a_users_folder_is_r
     ({"global_batch": 2, "accumulation_steps": 2}, "BatchNorm needs at least 2"),
     ({"image_size": 16}, "image_size=16 is too small"),
     ({"momentum": 1.0}, r"momentum=1.0 must lie in \[0, 1\)"),
+    ({"optimizer": "sgd"}, "optimizer='sgd' is not valid: use one of lars, adamw"),
+    ({"optimizer": "adamw", "beta2": 1.0}, r"beta2=1.0 must lie in \[0, 1\)"),
     ({"max_steps": 0}, "max_steps=0 must be >= 1"),
     ({"log_every": 0}, "log_every=0 must be positive"),
     ({"knn_bank_images": 0}, "knn_bank_images=0 must be positive"),
