@@ -28,6 +28,8 @@ setup(
         "dev": ["pytest", "pytest-timeout", "scikit-learn"],
         # The benchmarks' plots (matplotlib) and their CPU accounting of loader processes (psutil).
         "bench": ["matplotlib", "psutil"],
+        # Encoders by timm name (--arch timm/<name>: ConvNeXt, ViT, RegNet, ...; byol_fast/timm_encoders.py).
+        "timm": ["timm>=1.0"],
     },
     entry_points={"console_scripts": ["byol-fast=byol_fast.cli:main"]},
 )
