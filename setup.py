@@ -19,6 +19,8 @@ setup(
         "pillow",
         "tensorboard",
         "tqdm",
+        # WebDataset tar shards (pipelines/shards.py): pure Python, with braceexpand and pyyaml.
+        "webdataset>=1.0",
         "tomli; python_version < '3.11'",
     ],
     extras_require={
