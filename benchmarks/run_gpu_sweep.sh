@@ -14,9 +14,10 @@
 #   e2e                  60  ResNet-50 at 224, batch 256, torch backend from JPEGs: images/s, data wait, MFU
 #   peers                60  byol-pytorch (fp32 as shipped, bf16) and lightly beside byol_fast, batch 256
 #   step                 60  the step variants at batch 256 in one process (cuDNN tunes once), LARS alone, profile
+#   step-vit             30  ViT-S/16 (timm) with AdamW at 224, batch 256, eager and captured (timm on the image)
 #   decode-crop          20  the torch backend's decode and crop stages alone (host- vs GPU-time)
 #   pipeline             45  the data pipelines alone (DALI and FFCV rows only when installed)
-#   step-compile        115  torch.compile with and without the CUDA graph (never run before: last)
+#   step-compile         85  torch.compile with and without the CUDA graph (never run before: last)
 #   total               470  = 7 min 50 s, under the 8-minute call; the tool allows 10
 #
 # A section that finishes early leaves its time unused (the call ends sooner: device time is the scarce

@@ -12,6 +12,11 @@ each is worth:
     bf16+compile+graph  + the CUDA graph
     fp32+fused-lars     contiguous fp32 with byol_fast.LARS: what the trainer runs on a CPU
 
+`--optimizer adamw` puts byol_fast.AdamW (also fused and sync-free) where the
+fused variants have LARS: the ViT recipe, as the GPU sweep's ViT-S/16 row runs
+it (`--archs timm/vit_small_patch16_224`, needs timm); the per-parameter
+baseline is LARS only.
+
 Per row: images/s (an image is one source image = two views), step ms, MFU against
 the measured bf16 peak, peak GPU memory. Also: fused LARS vs the per-parameter loop
 on BYOL ResNet-50's trainable parameters alone, and with --profile a kernel-time
@@ -35,12 +40,15 @@ from benchmarks.common import (BenchResult, Column, PlotSpec, apply_threads, ben
                                time_calls, warm_and_time)
 from byol_fast.lars import LARS, excluded_by_default
 from byol_fast.model import BYOL
+from byol_fast.optimizers import OPTIMIZERS, build_optimizer, peak_lr
 from byol_fast.run_log import mfu
 from byol_fast.schedules import scaled_lr
 from byol_fast.step import TrainStep
 
 # The 300-epoch recipe's optimizer settings (DESIGN.md); throughput does not depend on them.
 BASE_LR, WEIGHT_DECAY, MOMENTUM, ETA, TAU = 0.3, 1e-6, 0.9, 1e-3, 0.99
+# AdamW's: DINO's ViT-S/16 rate in our square-root rule, MAE's weight decay and beta2 (byol_fast/optimizers.py).
+ADAMW_BASE_LR, ADAMW_WEIGHT_DECAY, ADAMW_BETAS = 1e-3, 0.05, (0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,18 @@ class PerParameterLARS(torch.optim.Optimizer):
 
 
 def build_step(arch: str, batch: int, image_size: int, variant: Variant, device: torch.device,
-               warmup_steps: int = 3) -> TrainStep:
-    """A TrainStep for `variant` in the trainer's build order, its inputs filled with random views."""
+               warmup_steps: int = 3, optimizer_name: str = "lars") -> TrainStep:
+    """A TrainStep for `variant` in the trainer's build order, its inputs filled with random views; fused variants
+    use `optimizer_name` (lars or adamw) as the trainer builds it."""
     learner = BYOL(arch, image_size=image_size, tau=TAU).to(device)
-    optimizer_class = LARS if variant.fused_lars else PerParameterLARS
-    optimizer = optimizer_class(learner.trainable_parameters(), lr=scaled_lr(BASE_LR, batch), momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY, eta=ETA)
+    if optimizer_name == "adamw" and variant.fused_lars:
+        optimizer = build_optimizer("adamw", learner, learner.trainable_parameters(),
+                                    weight_decay=ADAMW_WEIGHT_DECAY, betas=ADAMW_BETAS)
+        optimizer.param_groups[0]["lr"].fill_(peak_lr("adamw", ADAMW_BASE_LR, batch))
+    else:
+        optimizer_class = LARS if variant.fused_lars else PerParameterLARS
+        optimizer = optimizer_class(learner.trainable_parameters(), lr=scaled_lr(BASE_LR, batch),
+                                    momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, eta=ETA)
     step = TrainStep(learner, optimizer, batch_size=batch, image_size=image_size, device=device,
                      precision=variant.precision, channels_last=variant.channels_last,
                      cuda_graph=variant.cuda_graph, compile=variant.compile, warmup_steps=warmup_steps)
@@ -129,8 +143,11 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def skip_reason(variant: Variant, device: torch.device, compile_allowed: bool) -> str | None:
+def skip_reason(variant: Variant, device: torch.device, compile_allowed: bool,
+                optimizer_name: str = "lars") -> str | None:
     """Why a variant cannot or should not run here, or None."""
+    if optimizer_name != "lars" and not variant.fused_lars:
+        return "skipped: the per-parameter baseline is LARS only"
     if variant.cuda_graph and device.type != "cuda":
         return "skipped: CUDA graphs need a CUDA device"
     if variant.compile and not compile_allowed:
@@ -139,18 +156,20 @@ def skip_reason(variant: Variant, device: torch.device, compile_allowed: bool) -
 
 
 def measure_variant(arch: str, batch: int, image_size: int, name: str, device: torch.device, peak: float, *,
-                    target_s: float, min_calls: int, max_calls: int, compile_allowed: bool = True) -> dict:
+                    target_s: float, min_calls: int, max_calls: int, compile_allowed: bool = True,
+                    optimizer_name: str = "lars") -> dict:
     """One table row: the variant's throughput, or a status saying why there is none."""
     variant = VARIANTS[name]
     row = {"arch": arch, "image_size": image_size, "batch": batch, "variant": name, **asdict(variant),
+           "optimizer": optimizer_name if variant.fused_lars else "lars (per-parameter)",
            "status": "ok", "images_per_s": None, "step_ms": None, "mfu": None, "peak_mem_gib": None}
-    reason = skip_reason(variant, device, compile_allowed)
+    reason = skip_reason(variant, device, compile_allowed, optimizer_name)
     if reason:
         return {**row, "status": reason}
     reset_peak_memory(device)
     step = None
     try:
-        step = build_step(arch, batch, image_size, variant, device)
+        step = build_step(arch, batch, image_size, variant, device, optimizer_name=optimizer_name)
         # step() with no views: the synthetic views already sit in the static inputs,
         # as a pipeline writing straight into them would leave them.
         warmup = warmup_calls(step)
@@ -244,7 +263,8 @@ def _device_time(event) -> float:
 
 
 COLUMNS = [Column("arch", "arch"), Column("image_size", "size"), Column("batch", "batch"),
-           Column("variant", "variant"), Column("images_per_s", "images/s", "{:,.0f}"),
+           Column("variant", "variant"), Column("optimizer", "optimizer"),
+           Column("images_per_s", "images/s", "{:,.0f}"),
            Column("step_ms", "step ms", "{:.1f}"), Column("mfu", "MFU", "{:.1%}"),
            Column("peak_mem_gib", "peak mem GiB", "{:.1f}"), Column("status", "status")]
 
@@ -262,6 +282,8 @@ def build_parser():
     parser.add_argument("--lars-arch", default=None, help="arch for the LARS-only timing (default resnet50; "
                         "--small resnet18); 'none' skips it")
     parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown of one eager step")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="lars",
+                        help="the fused variants' optimizer (default lars; adamw: the ViT recipe)")
     parser.add_argument("--name", default="step", help="result file prefix (default step)")
     return parser
 
@@ -287,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"cpu_threads": threads, "archs": archs, "batches": batches, "image_size": image_size, "variants": names,
                 "seconds_per_row": target_s, "cudnn_benchmark": True,
                 "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-                "lr": f"{BASE_LR} x batch/256", "weight_decay": WEIGHT_DECAY, "tau": TAU}
+                "lr": f"{BASE_LR} x batch/256", "weight_decay": WEIGHT_DECAY, "tau": TAU, "optimizer": args.optimizer}
+    if args.optimizer == "adamw":
+        settings.update(lr=f"{ADAMW_BASE_LR} x sqrt(batch/256)", weight_decay=ADAMW_WEIGHT_DECAY,
+                        betas=list(ADAMW_BETAS))
     result = BenchResult(args.name, "BYOL step throughput (synthetic views on the device)", device, settings,
                          COLUMNS, PlotSpec("images_per_s", ["arch", "batch", "variant"], "images/s",
                                            "BYOL step: images/s per variant"), out_dir=args.out_dir)
@@ -300,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 result.add_row(measure_variant(arch, batch, image_size, name, device, peak["flops"],
                                                target_s=target_s, min_calls=min_calls, max_calls=args.max_steps,
-                                               compile_allowed=compile_allowed))
+                                               compile_allowed=compile_allowed, optimizer_name=args.optimizer))
     result.extra["ordering"] = ordering(result.rows)
     lars_arch = args.lars_arch or ("resnet18" if small else "resnet50")
     if lars_arch != "none":

@@ -72,6 +72,12 @@ SECTIONS = (
             ("--archs", "resnet50", "--batches", "256", "--variants", STEP_VARIANTS, "--seconds", "1.0",
              "--profile"),
             ("--variants", STEP_VARIANTS, "--min-steps", "1", "--profile"), 60, 120),
+    Section("step-vit", "ViT-S/16 (timm) with AdamW at 224, batch 256: eager and captured", "benchmarks.step_bench",
+            ("--name", "step-vit", "--archs", "timm/vit_small_patch16_224", "--batches", "256",
+             "--variants", "bf16+fused-lars,bf16+graph", "--optimizer", "adamw", "--lars-arch", "none",
+             "--seconds", "1.0"),
+            ("--name", "step-vit", "--archs", "timm/test_vit", "--variants", "bf16+fused-lars", "--optimizer",
+             "adamw", "--lars-arch", "none", "--min-steps", "1"), 30, 60),
     Section("decode-crop", "the torch backend's decode and crop stages alone", "benchmarks.decode_crop_bench",
             ("--data", "{data}"), ("--data", "{data}"), 20, 60),
     Section("pipeline", "the data pipelines alone (DALI and FFCV rows when installed)", "benchmarks.pipeline_bench",
@@ -81,7 +87,7 @@ SECTIONS = (
             ("--name", "step-compile", "--archs", "resnet50", "--batches", "256",
              "--variants", "bf16+compile+graph,bf16+compile", "--lars-arch", "none", "--seconds", "1.0"),
             ("--name", "step-compile", "--variants", "bf16+compile", "--lars-arch", "none", "--min-steps", "1"),
-            115, 15),
+            85, 15),
 )
 CALL_LIMIT_S = 480
 """The device call the GPU plan must fit (8 minutes): setup plus the sections' GPU budgets, plus the few seconds
