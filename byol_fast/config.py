@@ -61,6 +61,14 @@ class TrainConfig:
     """Two-view pipeline: "torchvision" (CPU reference), "torch" (batched on the device), "dali" (GPU, or DALI's
     CPU mode on the CPU), "ffcv", "views" (pre-made views from a .pt file, for tests) or "auto" (DALI on CUDA
     when installed, else torch on CUDA, else torchvision)."""
+    shard_manifest: str | None = None
+    """WebDataset shards only: the manifest.json (path or URL) when it is not beside the shards."""
+    shuffle_buffer: int = 1000
+    """WebDataset shards only: samples each loader stream holds in its shuffle buffer (per-epoch shard order
+    and buffer are seeded by seed and epoch). Memory: about this many encoded images per worker."""
+    max_bad_fraction: float = 0.001
+    """WebDataset shards only: share of an epoch's samples on a rank that may be bad (truncated shard, image that
+    does not decode, no label) and skipped before the run stops with an error naming the shards."""
     val_data: str | None = None
     """Optional labelled held-out folder (`<val>/<class>/<img>`, the same classes as `data`) for the kNN monitor.
     Unset where synthetic data is written with synthetic_val_images > 0, it is that tree's val split."""
@@ -223,8 +231,20 @@ class TrainConfig:
         self._validate_data()
 
     def _validate_data(self) -> None:
+        from pipelines.shards import is_shard_spec
         from pipelines.synthetic import DEFAULT_CLASSES
 
+        if self.shuffle_buffer < 0 or not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 and max_bad_fraction="
+                             f"{self.max_bad_fraction} lie in [0, 1]")
+        if is_shard_spec(self.data):
+            if self.data_backend in ("ffcv", "views"):
+                raise ValueError(f"data_backend={self.data_backend!r} cannot read WebDataset shards ({self.data}): "
+                                 f"pass --data-backend torch, torchvision or dali")
+            if self.val_data and self.knn_every_epochs:
+                raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
+                                 f"image folder, but data is shards: pass --knn-every-epochs 0 or unset val_data")
+            return  # read at start-up (pipelines/shards.py names a missing shard or manifest and the fix)
         path = Path(self.data).expanduser()
         writes_synthetic = self.writes_synthetic()
         if writes_synthetic and path.name != "train":
@@ -292,7 +312,11 @@ class TrainConfig:
         `data` is missing or lies in a tree pipelines.synthetic wrote; a folder of the user's is read as it is."""
         from pipelines.synthetic import MANIFEST  # here: the config imports without the data stack
 
+        from pipelines.shards import is_shard_spec
+
         path = Path(self.data).expanduser()
+        if is_shard_spec(self.data):
+            return False  # shards are read, never written
         return self.synthetic_images > 0 and (not path.exists() or (path.parent / MANIFEST).is_file())
 
     def resolved_val_data(self) -> Path | None:

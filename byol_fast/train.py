@@ -240,7 +240,9 @@ class Trainer:
         spec = config.augmentation_spec()
         self.loader = build_train_loader(config.data_backend, config.data, spec, per_rank_batch, rank=info.rank,
                                          world_size=info.world_size, seed=config.seed, device=device,
-                                         dtype=self.step.input_dtype, workers=config.workers, out=self.step.inputs)
+                                         dtype=self.step.input_dtype, workers=config.workers, out=self.step.inputs,
+                                         shard_manifest=config.shard_manifest, shuffle_buffer=config.shuffle_buffer,
+                                         max_bad_fraction=config.max_bad_fraction)
         self.steps_per_epoch = len(self.loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
@@ -461,6 +463,11 @@ class Trainer:
         record = {"loss": loss_sum / max(steps, 1) / self.info.world_size, "lr": self.lr_at(k - 1),
                   "tau": self.tau_at(k - 1), "epoch": k / self.steps_per_epoch,
                   "memory_gib": memory_gib(self.info.device)}
+        data = self.loader.metrics()  # shards: bad samples skipped (this rank's count; named on stderr)
+        if data:
+            record["bad_samples"] = int(all_reduce_host([float(data["bad_samples"])], self.info, "sum")[0])
+            if data["last_bad_sample"]:
+                record["last_bad_sample"] = data["last_bad_sample"]
         if timed_steps and seconds > 0:
             images_per_s = timed_steps * self.global_batch / seconds
             record.update(images_per_s=images_per_s, step_ms=1e3 * seconds / timed_steps,

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from pipelines.device import concrete_device
+from pipelines.shards import is_shard_spec
 from pipelines.sources import load_images
 from pipelines.spec import AugmentationSpec
 
@@ -74,6 +75,7 @@ class TrainLoader:
     """Batches per epoch on every rank."""
     _epoch_fn: Callable[[int, int], Iterator[tuple]]
     _close_fn: Callable[[], None] | None = None
+    _metrics_fn: Callable[[], dict] | None = None
 
     def __len__(self) -> int:
         return self.num_batches
@@ -90,6 +92,10 @@ class TrainLoader:
         if self._close_fn is not None:
             self._close_fn()
 
+    def metrics(self) -> dict:
+        """What the backend counts for the run log (shards: bad samples skipped so far); empty for most."""
+        return self._metrics_fn() if self._metrics_fn is not None else {}
+
 
 def _skipping(make_epoch: Callable[[int], Iterator[tuple]]) -> Callable[[int, int], Iterator[tuple]]:
     """An epoch function that reaches batch `start` by producing and dropping the batches before it."""
@@ -99,15 +105,24 @@ def _skipping(make_epoch: Callable[[int], Iterator[tuple]]) -> Callable[[int, in
 def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, per_rank_batch: int, *,
                        rank: int = 0, world_size: int = 1, seed: int = 0,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, workers: int = 4,
-                       out: tuple[Tensor, Tensor] | None = None) -> TrainLoader:
+                       out: tuple[Tensor, Tensor] | None = None, shard_manifest: str | None = None,
+                       shuffle_buffer: int = 1000, max_bad_fraction: float = 0.001) -> TrainLoader:
     """A TrainLoader of `backend` ("auto" resolved by `resolve_backend`) over `data` for one rank.
 
     data: an image folder or 'path label' list (torchvision, torch, dali), a .beton file (ffcv) or a
-    views .pt file (views). `out`: the step's static input buffers, written in place each batch.
-    Structural data problems raise DataError (a ValueError) naming the path and the fix.
+    views .pt file (views), or WebDataset shards (pipelines/shards.py: torchvision, torch, dali; their
+    manifest from `shard_manifest` or beside them, `shuffle_buffer` samples per stream, and bad samples
+    skipped up to `max_bad_fraction` of an epoch). `out`: the step's static input buffers, written in
+    place each batch. Structural data problems raise DataError (a ValueError) naming the path and the fix.
     """
     device = concrete_device(device)
     name = resolve_backend(backend, device)
+    if is_shard_spec(data):
+        from pipelines.shard_factory import build_shard_loader
+
+        return build_shard_loader(name, str(data), spec, per_rank_batch, rank=rank, world_size=world_size, seed=seed,
+                                  device=device, dtype=dtype, workers=workers, out=out, manifest=shard_manifest,
+                                  shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
     if out is not None and name in ("dali", "ffcv") and not all(
             buffer.is_contiguous(memory_format=torch.channels_last) for buffer in out):
         out = None  # these write channels_last only; the step then copies each batch into its own buffers
