@@ -11,7 +11,7 @@ import importlib
 # Public name -> the module that defines it.
 _EXPORTS = {
     "BYOL": "byol_fast.model", "TORCHVISION_ENCODERS": "byol_fast.model", "build_encoder": "byol_fast.model",
-    "LARS": "byol_fast.lars", "ema_update_": "byol_fast.ema",
+    "LARS": "byol_fast.lars", "AdamW": "byol_fast.adamw", "ema_update_": "byol_fast.ema",
     "CosineTau": "byol_fast.schedules", "WarmupCosineLR": "byol_fast.schedules", "scaled_lr": "byol_fast.schedules",
 }
 __all__ = sorted(_EXPORTS)

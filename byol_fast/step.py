@@ -1,7 +1,7 @@
 """One BYOL training step, eager on CPU and captured as a single CUDA graph on GPU.
 
 The step does, in order: both views through the online and target networks, the
-symmetric loss, backward, the gradient all-reduce, LARS, the EMA of the target,
+symmetric loss, backward, the gradient all-reduce, LARS or AdamW, the EMA of the target,
 and on-device metric accumulation. It reads nothing back to the host.
 
 CUDA graph mode (torchtitan-style wrapper):
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from byol_fast.adamw import AdamW
 from byol_fast.lars import LARS
 from byol_fast.model import BYOL
 from pipelines.device import concrete_device
@@ -55,7 +56,8 @@ class TrainStep:
     Args:
         learner: the BYOL module, already on `device` (and SyncBatchNorm-converted
             when distributed).
-        optimizer: LARS over `learner.trainable_parameters()`, built after the move.
+        optimizer: LARS or AdamW (byol_fast.optimizers: fused, lr a device tensor) over
+            `learner.trainable_parameters()`, built after the move.
         batch_size: images per rank per optimizer step (each of the two views).
         image_size: side of the square views.
         device: where the step runs.
@@ -73,7 +75,7 @@ class TrainStep:
     def __init__(
         self,
         learner: BYOL,
-        optimizer: LARS,
+        optimizer: LARS | AdamW,
         *,
         batch_size: int,
         image_size: int,
