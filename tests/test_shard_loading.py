@@ -1,0 +1,161 @@
+"""Shards through the loaders: the exact samples of each rank and epoch against the plan's definition, views of
+a resumed epoch equal to the uninterrupted epoch's bit for bit (2 ranks, several workers, over HTTP), bad samples
+skipped, counted and named, and the threshold that stops a run."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.convert_shards import convert_to_shards
+from pipelines.factory import build_train_loader
+from pipelines.shard_plan import ShardPlan
+from pipelines.shard_reader import stream_batches
+from pipelines.shards import TruncatedShardError, iter_shard, resolve_shards
+from pipelines.sources import DataError, load_images
+from pipelines.spec import AugmentationSpec
+from pipelines.synthetic import make_synthetic
+
+SPEC = AugmentationSpec(image_size=32)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    make_synthetic(root, images=44, classes=4, workers=1)
+    out = tmp_path_factory.mktemp("shards") / "out"
+    convert_to_shards(load_images(root / "train"), out, samples_per_shard=5, workers=2)  # 9 shards: 8 x 5 + 4
+    return out
+
+
+def serve(folder: Path):
+    """An HTTP server on 127.0.0.1 serving `folder` from a thread; returns (server, base URL)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def http_url(shard_dir):
+    server, base = serve(shard_dir)
+    yield base + "/train-{000000..000008}.tar"
+    server.shutdown()
+
+
+def test_each_rank_reads_its_range_of_the_epochs_shard_order_in_the_plans_order(shard_dir):
+    shards = resolve_shards(str(shard_dir / "train-{000000..000008}.tar"))
+    keys = [[s.key for s in iter_shard(url)] for url in shards.urls]
+    world, batch, streams = 2, 4, 2
+    seen_epochs = []
+    for epoch in (0, 1):
+        plans = [ShardPlan(tuple(shards.counts), r, world, batch, seed=3, streams=streams, shuffle_buffer=6)
+                 for r in range(world)]
+        # The reference: shards in the epoch's seeded order, concatenated; rank r owns [r N, (r + 1) N).
+        order = np.random.default_rng(np.random.SeedSequence([3, epoch])).permutation(len(keys))
+        stream = [key for shard in order for key in keys[shard]]
+        per_rank = 20  # 44 samples, 2 ranks x batch 4: 20 each, the last 4 of the epoch's stream left out
+        assert plans[0].num_batches == 5 and plans[0].samples_per_rank == per_rank
+        seen = []
+        for r, plan in enumerate(plans):
+            got = {}
+            for s in range(streams):
+                for j, items in enumerate(stream_batches(shards, plan, epoch, s)):
+                    got[plan.stream(epoch, s).batches[j]] = [item.key for item in items]
+            read = [key for b in range(plan.num_batches) for key in got[b]]
+            assert sorted(read) == sorted(stream[r * per_rank:(r + 1) * per_rank])
+            # The order is the plan's: each position's sample is the stream's sample at that position.
+            assert read == [stream[p] for b in range(plan.num_batches) for p in plan.batch_positions(epoch, b)]
+            seen.append(read)
+        assert not set(seen[0]) & set(seen[1])
+        seen_epochs.append(seen)
+    assert seen_epochs[0][0] != seen_epochs[1][0]  # a new shard order and shuffle each epoch
+
+
+def _epoch_views(backend: str, data: str, rank: int, epoch: int, start: int) -> list[tuple]:
+    loader = build_train_loader(backend, data, SPEC, 4, rank=rank, world_size=2, seed=5, workers=2,
+                                shuffle_buffer=6)
+    try:
+        return [tuple(t.clone() for t in batch) for batch in loader._epoch_fn(epoch, start)]
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "torch"])
+def test_a_resumed_epoch_makes_the_uninterrupted_epochs_views_on_every_rank_over_http(backend, http_url):
+    for rank in (0, 1):
+        whole = _epoch_views(backend, http_url, rank, epoch=1, start=0)
+        resumed = _epoch_views(backend, http_url, rank, epoch=1, start=3)
+        assert len(whole) == 5 and len(resumed) == 2
+        for (a1, a2, la), (b1, b2, lb) in zip(whole[3:], resumed):
+            assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(la, lb)
+        assert not torch.equal(whole[0][0], whole[1][0])
+
+
+def _write_bad_shards(folder: Path, good: Path) -> None:
+    """good copies of three shards, then: one truncated, one with a corrupt image, one with a label missing."""
+    for i in range(3):
+        (folder / f"train-{i:06d}.tar").write_bytes((good / f"train-{i:06d}.tar").read_bytes())
+    raw = (good / "train-000003.tar").read_bytes()
+    (folder / "train-000003.tar").write_bytes(raw[:len(raw) // 2])  # cut inside a member: a broken download
+    for index, damage in ((4, "corrupt"), (5, "nolabel")):
+        buffer = io.BytesIO()
+        with tarfile.open(good / f"train-{index:06d}.tar") as source, tarfile.open(fileobj=buffer, mode="w") as out:
+            for n, member in enumerate(m for m in source if m.isreg()):
+                data = source.extractfile(member).read()
+                if n == 1 and damage == "corrupt":
+                    data = data[:600]  # member 1 is the first sample's image (.cls sorts first)
+                if n == 0 and damage == "nolabel":
+                    continue
+                member.size = len(data)
+                out.addfile(member, io.BytesIO(data))
+        (folder / f"train-{index:06d}.tar").write_bytes(buffer.getvalue())
+    (folder / "manifest.json").write_text((good / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "torch"])
+def test_bad_samples_are_replaced_counted_named_and_stop_the_run_past_the_threshold(backend, shard_dir, tmp_path,
+                                                                                    capsys):
+    _write_bad_shards(tmp_path, shard_dir)
+    data = str(tmp_path / "train-{000000..000005}.tar")
+    shards = resolve_shards(data)
+    kept = 0
+    with pytest.raises(TruncatedShardError, match="is truncated"):
+        for _ in iter_shard(shards.urls[3]):
+            kept += 1
+    assert 0 < kept < 5
+    expected_bad = (5 - kept) + 1 + 1
+    loader = build_train_loader(backend, data, SPEC, 6, seed=1, workers=2, shuffle_buffer=4, max_bad_fraction=0.5)
+    batches = [(v1.clone(), labels.clone()) for v1, _, labels in loader._epoch_fn(0, 0)]
+    loader.close()
+    assert len(batches) == 5 and all(v.shape == (6, 3, 32, 32) and torch.isfinite(v).all() for v, _ in batches)
+    metrics = loader.metrics()
+    assert metrics["bad_samples"] == expected_bad
+    err = capsys.readouterr().err
+    # Each named with its shard and key; a shard's fourth and later bad samples are only counted.
+    assert err.count("byol-fast: skipped bad sample") == min(3, 5 - kept) + 2
+    assert f"of {shards.urls[3]}: truncated" in err
+    assert f"of {shards.urls[4]}: image does not decode" in err
+    assert f"of {shards.urls[5]}: no label member" in err
+    strict = build_train_loader(backend, data, SPEC, 6, seed=1, workers=2, shuffle_buffer=4, max_bad_fraction=0.1)
+    with pytest.raises(DataError, match=r"bad samples in epoch 0 on this rank pass max_bad_fraction=0.1 of its 30"):
+        list(strict._epoch_fn(0, 0))
+    strict.close()
+
+
+def test_ffcv_over_shards_is_refused_with_the_fix(shard_dir):
+    from pipelines.shard_factory import build_shard_loader
+
+    with pytest.raises(DataError, match=r"'ffcv' reads a .beton file .*not WebDataset shards.*--data-backend torch"):
+        build_shard_loader("ffcv", str(shard_dir), SPEC, 4, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
+                           dtype=torch.float32, workers=1, out=None, manifest=None, shuffle_buffer=10,
+                           max_bad_fraction=0.0)
