@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.convert_shards import convert_to_shards
+from pipelines.convert_shards import convert_to_shards, dali_index_lines
 from pipelines.factory import build_train_loader
 from pipelines.shard_plan import ShardPlan
 from pipelines.shard_reader import stream_batches
@@ -90,7 +90,7 @@ def _epoch_views(backend: str, data: str, rank: int, epoch: int, start: int) -> 
         loader.close()
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "torch"])
+@pytest.mark.parametrize("backend", ["torchvision", "torch", pytest.param("dali", marks=pytest.mark.dali)])
 def test_a_resumed_epoch_makes_the_uninterrupted_epochs_views_on_every_rank_over_http(backend, http_url):
     for rank in (0, 1):
         whole = _epoch_views(backend, http_url, rank, epoch=1, start=0)
@@ -101,8 +101,9 @@ def test_a_resumed_epoch_makes_the_uninterrupted_epochs_views_on_every_rank_over
         assert not torch.equal(whole[0][0], whole[1][0])
 
 
-def _write_bad_shards(folder: Path, good: Path) -> None:
-    """good copies of three shards, then: one truncated, one with a corrupt image, one with a label missing."""
+def _write_bad_shards(folder: Path, good: Path, indexes: bool) -> None:
+    """good copies of three shards, then: one truncated, one with a corrupt image, one with a label missing;
+    with `indexes`, DALI indexes too (the truncated shard keeps its whole one, as after a broken copy)."""
     for i in range(3):
         (folder / f"train-{i:06d}.tar").write_bytes((good / f"train-{i:06d}.tar").read_bytes())
     raw = (good / "train-000003.tar").read_bytes()
@@ -120,12 +121,22 @@ def _write_bad_shards(folder: Path, good: Path) -> None:
                 out.addfile(member, io.BytesIO(data))
         (folder / f"train-{index:06d}.tar").write_bytes(buffer.getvalue())
     (folder / "manifest.json").write_text((good / "manifest.json").read_text())
+    if indexes:
+        for i in range(4):
+            (folder / f"train-{i:06d}.idx").write_text((good / f"train-{i:06d}.idx").read_text())
+        for i in (4, 5):
+            (folder / f"train-{i:06d}.idx").write_text("\n".join(dali_index_lines(folder / f"train-{i:06d}.tar")))
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "torch"])
-def test_bad_samples_are_replaced_counted_named_and_stop_the_run_past_the_threshold(backend, shard_dir, tmp_path,
-                                                                                    capsys):
-    _write_bad_shards(tmp_path, shard_dir)
+@pytest.mark.parametrize("backend,indexes", [
+    ("torchvision", False), ("torch", False),
+    pytest.param("dali", True, marks=pytest.mark.dali, id="dali-reader"),  # fn.readers.webdataset
+    pytest.param("dali", False, marks=pytest.mark.dali, id="dali-feed")])  # the stream reader feeds DALI
+def test_bad_samples_are_replaced_counted_named_and_stop_the_run_past_the_threshold(backend, indexes, shard_dir,
+                                                                                    tmp_path, capsys):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    _write_bad_shards(tmp_path, shard_dir, indexes)
     data = str(tmp_path / "train-{000000..000005}.tar")
     shards = resolve_shards(data)
     kept = 0
