@@ -310,13 +310,14 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, arch: str | No
     provenance, provenance_source = training_provenance(state, checkpoint)
     if is_timm_arch(arch):
         model = create_call(arch, image_size or 224)
+        builder = f"build_encoder({arch!r}, image_size={image_size or 224})"
         representation = "the model's output (timm's pooled features, model.num_features wide; no classifier)"
     else:
         model = f"torchvision.models.{arch}()" + (f" with {SMALL_STEM}" if small_stem else "")
+        builder = f"build_encoder({arch!r}, small_stem={small_stem})"
         representation = "avgpool output (set model.fc = torch.nn.Identity() to read it)"
     metadata = {
-        "format": f"{model} state_dict (load with strict=True; byol_fast.model.build_encoder({arch!r}, "
-                  f"small_stem={small_stem}, image_size={image_size}) builds that model)",
+        "format": f"{model} state_dict (load with strict=True; byol_fast.model.{builder} builds that model)",
         "arch": arch,
         "small_stem": small_stem,
         "image_size": image_size,

@@ -189,6 +189,16 @@ def test_a_convnext_with_lars_trains_exports_and_evaluates(data, tmp_path):
     model.load_state_dict(torch.load(output, weights_only=True), strict=True)
     assert evaluate_cli.main(["linear", "--weights", str(output), "--data", str(data), "--mode", "logreg",
                               "--workers", "0", "--device", "cpu"]) == 0
+    # A checkpoint written before optimizers were a setting records none: it was LARS, and resumes as such.
+    legacy_dir = tmp_path / "legacy"
+    for key in ("optimizer", "beta1", "beta2"):
+        del state["meta"][key]
+    (legacy_dir / "checkpoints").mkdir(parents=True)
+    torch.save(state, legacy_dir / "checkpoints" / "step_00000002.pt")
+    legacy = COMMON + ["--arch", "timm/test_convnext", "--data", str(data / "train"), "--run-dir", str(legacy_dir)]
+    assert train.main(legacy + ["--max-steps", "3", "--optimizer", "adamw", "--base-lr", "3e-4"]) == 2
+    assert train.main(legacy + ["--max-steps", "3"]) == 0
+    assert torch.load(legacy_dir / "checkpoints" / "step_00000003.pt", weights_only=False)["meta"]["optimizer"] == "lars"
 
 
 # ---- the captured step ---------------------------------------------------------------------------
