@@ -48,7 +48,9 @@ def _import_timm(arch: str):
 
 @functools.cache
 def _all_model_names() -> tuple[str, ...]:
-    return tuple(_import_timm(TIMM_PREFIX).list_models())
+    import timm
+
+    return tuple(timm.list_models())
 
 
 def check_timm_arch(arch: str) -> None:
