@@ -117,15 +117,15 @@ def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, p
     """
     device = concrete_device(device)
     name = resolve_backend(backend, device)
+    if out is not None and name in ("dali", "ffcv") and not all(
+            buffer.is_contiguous(memory_format=torch.channels_last) for buffer in out):
+        out = None  # these write channels_last only; the step then copies each batch into its own buffers
     if is_shard_spec(data):
         from pipelines.shard_factory import build_shard_loader
 
         return build_shard_loader(name, str(data), spec, per_rank_batch, rank=rank, world_size=world_size, seed=seed,
                                   device=device, dtype=dtype, workers=workers, out=out, manifest=shard_manifest,
                                   shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
-    if out is not None and name in ("dali", "ffcv") and not all(
-            buffer.is_contiguous(memory_format=torch.channels_last) for buffer in out):
-        out = None  # these write channels_last only; the step then copies each batch into its own buffers
     common = dict(rank=rank, world_size=world_size, seed=seed)
     if name == "views":
         from pipelines.views_loader import ViewsLoader
