@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipelines.command_line import CommandParser, integer
 from pipelines.decode import ImageInfo, extension_format, load_rgb, probe_image
+from pipelines.shards import is_shard_spec
 from pipelines.sources import DataError, ImageList, images_under, load_images, visible_subfolders
 
 UNREADABLE = "unreadable"
@@ -208,7 +209,8 @@ def check_data(root: str | Path, workers: int | None = None, min_size: int = 32)
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `byol-fast check-data`."""
     parser = CommandParser(prog="byol-fast check-data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", help="image tree root/<class>/<image> (e.g. ImageNet train/), or a 'path label' list")
+    parser.add_argument("dir", help="image tree root/<class>/<image> (e.g. ImageNet train/), a 'path label' list, or "
+                                    "WebDataset shards ('/data/train-{000000..000099}.tar', http(s)://, pipe:)")
     parser.add_argument("--workers", type=integer, default=None,
                         help="decoding processes (default: one per usable CPU, one per 256 images at most)")
     parser.add_argument("--min-size", type=integer, default=32,
@@ -221,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `byol-fast check-data`; exit code 0 all decodable, 1 some unreadable, 2 unusable layout."""
     args = build_parser().parse_args(argv)
+    if is_shard_spec(args.dir):
+        from pipelines.check_shards import main_shards
+
+        return main_shards(args.dir, args.workers, args.max_listed)
     try:
         report = check_data(args.dir, workers=args.workers, min_size=args.min_size)
     except ValueError as err:  # DataError included: the tree itself is unusable

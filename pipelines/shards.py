@@ -257,8 +257,33 @@ def _to_raw(sample: dict, shard: str) -> RawSample:
     return RawSample(sample["__key__"], shard, image, label)
 
 
-def iter_shard(url: str) -> Iterator[RawSample]:
-    """The samples of one shard in stored order, read with webdataset's tar iterator.
+class _Hashing(io.RawIOBase):
+    """A read-only stream that feeds every byte read through a hash (check-data's SHA-256 of a streamed shard)."""
+
+    def __init__(self, stream, digest) -> None:
+        self.stream, self.digest = stream, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def iter_shard(url: str, digest=None) -> Iterator[RawSample]:
+    """The samples of one shard in stored order, read with webdataset's tar iterator; with a hashlib `digest`,
+    every byte of the shard (the tail after the last member too) goes through it.
 
     Raises ShardError when the shard cannot be opened or is not a tar archive, and TruncatedShardError
     (after the complete samples before it) when it ends inside a member. Python's tarfile takes a shard cut
@@ -267,14 +292,19 @@ def iter_shard(url: str) -> Iterator[RawSample]:
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     stream = open_url(url)
+    if digest is not None:
+        stream = _Hashing(stream, digest)
     try:
         members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
         for sample in group_by_keys(members):
             yield _to_raw(sample, url)
+        while digest is not None and stream.read(1 << 20):
+            pass  # the end-of-archive blocks and padding tarfile leaves unread
     except tarfile.ReadError as err:
-        if "unexpected end" in str(err):
-            raise TruncatedShardError(f"shard {url} is truncated ({err}): re-download or re-copy it") from err
-        raise ShardError(f"shard {url} is not a tar archive ({err}): re-download it, or re-write the shards "
+        reason = str(err).split(" @ ")[0]  # webdataset appends " @ <stream object>"
+        if "unexpected end" in reason:
+            raise TruncatedShardError(f"shard {url} is truncated ({reason}): re-download or re-copy it") from err
+        raise ShardError(f"shard {url} is not a tar archive ({reason}): re-download it, or re-write the shards "
                          f"with `byol-fast convert-shards`") from err
     except (EOFError, tarfile.TarError) as err:
         raise TruncatedShardError(f"shard {url} is truncated ({type(err).__name__}: {err}): re-download or "

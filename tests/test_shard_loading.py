@@ -131,6 +131,16 @@ def _write_bad_shards(folder: Path, good: Path, indexes: bool) -> None:
             (folder / f"train-{i:06d}.idx").write_text("\n".join(dali_index_lines(folder / f"train-{i:06d}.tar")))
 
 
+def kept_before_truncation(url: str) -> int:
+    """Samples a truncated shard yields before it breaks off."""
+    kept = 0
+    with pytest.raises(TruncatedShardError, match=r"is truncated \(unexpected end of data\)"):
+        for _ in iter_shard(url):
+            kept += 1
+    assert 0 < kept < 5
+    return kept
+
+
 @pytest.mark.parametrize("backend,indexes", [
     ("torchvision", False), ("torch", False),
     pytest.param("dali", True, marks=pytest.mark.dali, id="dali-reader"),  # fn.readers.webdataset
@@ -142,11 +152,7 @@ def test_bad_samples_are_replaced_counted_named_and_stop_the_run_past_the_thresh
     _write_bad_shards(tmp_path, shard_dir, indexes)
     data = str(tmp_path / "train-{000000..000005}.tar")
     shards = resolve_shards(data)
-    kept = 0
-    with pytest.raises(TruncatedShardError, match="is truncated"):
-        for _ in iter_shard(shards.urls[3]):
-            kept += 1
-    assert 0 < kept < 5
+    kept = kept_before_truncation(shards.urls[3])
     expected_bad = (5 - kept) + 1 + 1
     loader = build_train_loader(backend, data, SPEC, 6, seed=1, workers=2, shuffle_buffer=4, max_bad_fraction=0.5)
     batches = [(v1.clone(), labels.clone()) for v1, _, labels in loader._epoch_fn(0, 0)]
@@ -173,3 +179,22 @@ def test_ffcv_over_shards_is_refused_with_the_fix(shard_dir):
         build_shard_loader("ffcv", str(shard_dir), SPEC, 4, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
                            dtype=torch.float32, workers=1, out=None, manifest=None, shuffle_buffer=10,
                            max_bad_fraction=0.0)
+
+
+def test_check_data_reads_shards_and_names_each_bad_sample_and_shard(shard_dir, tmp_path, capsys):
+    from pipelines.check_data import main as check_main
+
+    assert check_main([str(shard_dir / "train-{000000..000008}.tar"), "--workers", "1"]) == 0
+    assert "checked 9 shards, 44 samples (44 in the manifest, 4 classes): 0 bad, 0 missing" in capsys.readouterr().out
+    _write_bad_shards(tmp_path, shard_dir, indexes=False)
+    urls = resolve_shards(str(tmp_path / "train-{000000..000005}.tar")).urls
+    assert check_main([str(tmp_path / "train-{000000..000005}.tar"), "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD-SHARD        {urls[3]}: shard {urls[3]} is truncated" in out
+    assert f"{urls[3]}: SHA-256 differs from the manifest's" in out
+    assert f"BAD-SAMPLE       {urls[4]}:" in out and "corrupt" in out
+    assert f"{urls[3]}: holds {kept_before_truncation(urls[3])} samples, the manifest says 5" in out
+    assert f"BAD-SAMPLE       {urls[5]}:" in out and "no valid label" in out
+    assert out.count("BAD-SAMPLE") == 2 and "FAIL: training would skip" in out
+    assert check_main([str(tmp_path / "train-{000000..000006}.tar"), "--workers", "1"]) == 2  # 6: not copied
+    assert f"UNREADABLE-SHARD shard {tmp_path / 'train-000006.tar'} does not exist" in capsys.readouterr().out
