@@ -84,6 +84,32 @@ def test_each_rank_reads_its_range_of_the_epochs_shard_order_in_the_plans_order(
     assert seen_epochs[0][0] != seen_epochs[1][0]  # a new shard order and shuffle each epoch
 
 
+@pytest.mark.dali
+@pytest.mark.parametrize("through", ["reader", "feed"])
+def test_dali_reads_exactly_each_ranks_plan_range(through, shard_dir, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from pipelines.shard_dali import DaliShardLoader
+
+    if through == "feed":  # no DALI indexes: the stream reader feeds DALI
+        for tar in shard_dir.glob("*.tar"):
+            (tmp_path / tar.name).write_bytes(tar.read_bytes())
+        (tmp_path / "manifest.json").write_text((shard_dir / "manifest.json").read_text())
+        shard_dir = tmp_path
+    shards = resolve_shards(str(shard_dir / "train-{000000..000008}.tar"))
+    labels = [[s.label for s in iter_shard(url)] for url in shards.urls]
+    for rank in (0, 1):
+        loader = DaliShardLoader(shards, SPEC, 4, rank=rank, world_size=2, device="cpu", seed=3, dtype=torch.float32,
+                                 num_threads=1, shuffle_buffer=6)
+        assert loader.native == (through == "reader")
+        got = torch.cat([batch[2] for batch in loader.batches(epoch=1)]).tolist()
+        loader.close()
+        order = np.random.default_rng(np.random.SeedSequence([3, 1])).permutation(len(labels))
+        stream = [label for shard in order for label in labels[shard]]
+        assert sorted(got) == sorted(stream[rank * 20:(rank + 1) * 20])  # the rank's range of the epoch's stream
+        if through == "feed":  # in the plan's order, too (the reader shuffles with DALI's own buffer)
+            assert got == [stream[p] for b in range(5) for p in loader.plan.batch_positions(1, b)]
+
+
 def _epoch_views(backend: str, data: str, rank: int, epoch: int, start: int) -> list[tuple]:
     loader = build_train_loader(backend, data, SPEC, 4, rank=rank, world_size=2, seed=5, workers=2,
                                 shuffle_buffer=6)
