@@ -119,7 +119,7 @@ class DaliShardLoader(DaliTwoViewLoader):
         self.indexes = [local_index(url) for url in shards.urls]
         self.native = all(index is not None for index in self.indexes)
         self.known_bad: dict[tuple[str, str], str] = {}  # (shard, key) -> why, found by a failed decode
-        self._tmp = tempfile.TemporaryDirectory(prefix="byol-dali-idx-") if self.native else None
+        self._tmp: tempfile.TemporaryDirectory | None = None  # the trimmed indexes of the reader (made on use)
         self._augment = TorchTwoViewAugment(spec, self.torch_device, dtype)
         self._generator = torch.Generator(self.torch_device)
         self._pipe = self._feed = None
@@ -140,6 +140,10 @@ class DaliShardLoader(DaliTwoViewLoader):
     def _reader_args(self, epoch: int) -> tuple[dict, list[Item]]:
         """fn.readers.webdataset arguments for the rank's runs of epoch `epoch` (one trimmed index per run),
         and the bad samples found in the indexes (their lines replaced by the previous good line)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="byol-dali-idx-")
+        for stale in Path(self._tmp.name).glob("*.idx"):  # the previous epoch's: a long run would pile them up
+            stale.unlink()
         paths, index_paths, bad = [], [], []
         for n, segment in enumerate(self.plan.stream(epoch, 0).segments):
             url = self.shards.urls[segment.shard]
@@ -225,10 +229,15 @@ class DaliShardLoader(DaliTwoViewLoader):
         return self._pipe.run()
 
     def _labels(self, labels) -> torch.Tensor:
-        if not self.native:
-            return torch.from_dlpack(labels.as_tensor()).to(self.torch_device)
-        values = [int(bytes(np.array(labels[i])).decode("ascii").strip() or -1) for i in range(len(labels))]
-        return torch.tensor(values, dtype=torch.int64, device=self.torch_device)
+        """The batch's labels on the device (the reader's are the .cls text), copied without a host sync."""
+        if self.native:
+            values = [int(bytes(np.array(labels[i])).decode("ascii").strip() or -1) for i in range(len(labels))]
+            host = torch.tensor(values, dtype=torch.int64)
+        else:
+            host = torch.from_dlpack(labels.as_tensor()).clone()
+        if self.device == "gpu":
+            return host.pin_memory().to(self.torch_device, non_blocking=True)
+        return host
 
     def _find_bad_images(self, epoch: int, err: RuntimeError) -> bool:
         """After a failed run: decode this epoch's samples with PIL, remember and count the bad ones.

@@ -195,7 +195,9 @@ class ShardTorchPipeline(TorchImagePipeline):
             colour = torch.Generator(device=self.device).manual_seed(colour_seed)
             targets = out if out is not None else (None, None)
             view1, view2 = (self.augment.colour(crops[v], v, colour, out=targets[v]) for v in (0, 1))
-            labels = torch.tensor([items[k].sample.label for k in source], dtype=torch.int64).to(self.device)
+            labels = torch.tensor([items[k].sample.label for k in source], dtype=torch.int64)
+            if self.device.type == "cuda":  # pinned and non-blocking: no host sync in the step loop
+                labels = labels.pin_memory().to(self.device, non_blocking=True)
             yield view1, view2, labels
 
     def _decode_on_device(self, items: list[Item], datas: list[Tensor | None]) -> list[Tensor | None]:
