@@ -98,7 +98,7 @@ def _write_shard(job: _ShardJob) -> tuple[dict, list[tuple[str, str]]]:
             data = Path(path).read_bytes()
             decode_rgb(data, path)  # a full decode: only readable images go into shards
         except (CorruptImageError, OSError) as err:
-            bad.append((path, str(err)))
+            bad.append((path, str(err).removeprefix(f"{path} ")))
             continue
         members.append({"__key__": key, _EXTENSIONS.get(sniff_format(data[:16]), "jpg"): data,
                         LABEL_EXTENSION: str(label).encode("ascii")})

@@ -110,3 +110,31 @@ def test_missing_and_non_tar_shards_and_manifests_are_named_with_the_fix(shards,
         list(iter_shard("http://127.0.0.1:9/t-000000.tar"))
     with pytest.raises(ShardError, match=r"could not be opened|exit"):
         list(iter_shard("pipe:exit 3 # t-000000.tar"))
+
+
+def test_unreadable_images_fail_the_conversion_by_name_unless_skipped(folder, tmp_path):
+    images = load_images(folder)
+    broken = tmp_path / "broken.JPEG"
+    broken.write_bytes(Path(images.files[3]).read_bytes()[:500])  # a cut-off download
+    files = images.files[:3] + [str(broken)] + images.files[4:8]
+    listed = type(images)(files, images.labels[:8], images.classes)
+    with pytest.raises(DataError, match=r"(?s)1 of 8 images could not be read.*broken.JPEG: has a corrupt header.*--skip-corrupt"):
+        convert_to_shards(listed, tmp_path / "out", samples_per_shard=4)
+    manifest = convert_to_shards(listed, tmp_path / "out", samples_per_shard=4, skip_corrupt=True)
+    assert manifest.total == 7 and [s["path"] for s in manifest.extra["skipped"]] == [str(broken)]
+    keys = {s.key for shard in manifest.shards for s in iter_shard(str(tmp_path / "out" / shard.name))}
+    assert keys == {f"{i:09d}" for i in range(8)} - {"000000003"}
+
+
+def test_index_only_writes_the_manifest_and_dali_indexes_of_existing_shards(shards, tmp_path):
+    from pipelines.convert_shards import index_existing
+
+    out = tmp_path / "meta"
+    manifest = index_existing(str(shards / "train-{000000..000003}.tar"), out)
+    original = json.loads((shards / "manifest.json").read_text())
+    assert [(s.name, s.samples, s.bytes, s.sha256) for s in manifest.shards] == \
+        [(s["name"], s["samples"], s["bytes"], s["sha256"]) for s in original["shards"]]
+    assert manifest.classes == ["0", "1", "2", "3"]  # label numbers: shards carry no class names
+    assert (out / "train-000002.idx").read_text() == (shards / "train-000002.idx").read_text()
+    resolved = resolve_shards(str(shards / "train-{000000..000003}.tar"), manifest=str(out / "manifest.json"))
+    assert resolved.counts == [6, 6, 6, 2]
