@@ -23,6 +23,7 @@ webdataset's gopen.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -306,7 +307,7 @@ def iter_shard(url: str, digest=None) -> Iterator[RawSample]:
             raise TruncatedShardError(f"shard {url} is truncated ({reason}): re-download or re-copy it") from err
         raise ShardError(f"shard {url} is not a tar archive ({reason}): re-download it, or re-write the shards "
                          f"with `byol-fast convert-shards`") from err
-    except (EOFError, tarfile.TarError) as err:
+    except (EOFError, tarfile.TarError, http.client.HTTPException) as err:  # HTTPException: a dropped connection
         raise TruncatedShardError(f"shard {url} is truncated ({type(err).__name__}: {err}): re-download or "
                                   f"re-copy it") from err
     except OSError as err:  # a pipe: command that failed, a connection that dropped
