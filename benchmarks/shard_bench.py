@@ -19,7 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from benchmarks.common import BenchResult, Column, PlotSpec, apply_threads, bench_parser, resolve_device, synthetic_train_dir
+from benchmarks.common import (BenchResult, Column, PlotSpec, apply_threads, bench_parser, resolve_device,
+                               synthetic_train_dir)
 from benchmarks.pipeline_bench import describe, measure_backend
 from pipelines.convert_shards import convert_to_shards
 from pipelines.sources import load_images

@@ -67,7 +67,8 @@ def _check_job(job: tuple) -> ShardCheck:
     return check_shard(*job)
 
 
-def check_shards(spec: str, manifest: str | None = None, workers: int | None = None) -> tuple[ShardSet, list[ShardCheck]]:
+def check_shards(spec: str, manifest: str | None = None,
+                 workers: int | None = None) -> tuple[ShardSet, list[ShardCheck]]:
     """Check every shard of `spec` (ShardError when the spec or its manifest cannot be used)."""
     shards = resolve_shards(spec, manifest)
     known = {info.name: info for info in read_manifest(shards.manifest_url).shards}

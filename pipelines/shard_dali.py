@@ -104,8 +104,9 @@ class DaliShardLoader(DaliTwoViewLoader):
 
     def __init__(self, shards: ShardSet, spec: AugmentationSpec, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, device: str = "gpu", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                 num_threads: int | None = None, prefetch: int = 2, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 shuffle_buffer: int = 1000, max_bad_fraction: float = 0.001) -> None:
+                 num_threads: int | None = None, prefetch: int = 2,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None, shuffle_buffer: int = 1000,
+                 max_bad_fraction: float = 0.001) -> None:
         if device == "gpu" and not torch.cuda.is_available():
             raise ValueError("device='gpu' needs CUDA, which torch cannot see here: use device='cpu' (DALI CPU mode)")
         self.shards, self.spec, self.batch_size, self.rank, self.world_size = shards, spec, batch_size, rank, world_size
@@ -124,6 +125,15 @@ class DaliShardLoader(DaliTwoViewLoader):
         self._generator = torch.Generator(self.torch_device)
         self._pipe = self._feed = None
         self._recorded: set[tuple[int, str, str]] = set()
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Make the next `iter()` walk epoch `epoch` from its batch `start` (the folder loader's protocol)."""
+        self._next_start = (epoch, start)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        epoch, start = getattr(self, "_next_start", (0, 0))
+        self._next_start = (epoch + 1, 0)
+        return self.batches(epoch, start)
 
     def record(self, epoch: int, item: Item) -> None:
         """Count a bad sample once per epoch (a rebuilt, replayed epoch meets it again)."""
@@ -152,7 +162,8 @@ class DaliShardLoader(DaliTwoViewLoader):
             kept = []
             for member in range(segment.first, segment.stop):
                 line = lines[member] if member < len(lines) else ""
-                problem, key = self._index_problem(line, size), (line.split()[3].split(".")[0] if line else f"#{member}")
+                key = line.split()[3].split(".")[0] if line else f"#{member}"
+                problem = self._index_problem(line, size)
                 problem = problem or self.known_bad.get((url, key))
                 if problem:
                     bad.append(Item(0, url, key, None, problem))

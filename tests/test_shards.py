@@ -118,7 +118,8 @@ def test_unreadable_images_fail_the_conversion_by_name_unless_skipped(folder, tm
     broken.write_bytes(Path(images.files[3]).read_bytes()[:500])  # a cut-off download
     files = images.files[:3] + [str(broken)] + images.files[4:8]
     listed = type(images)(files, images.labels[:8], images.classes)
-    with pytest.raises(DataError, match=r"(?s)1 of 8 images could not be read.*broken.JPEG: has a corrupt header.*--skip-corrupt"):
+    with pytest.raises(DataError, match=r"(?s)1 of 8 images could not be read.*broken.JPEG: has a corrupt "
+                                        r"header.*--skip-corrupt"):
         convert_to_shards(listed, tmp_path / "out", samples_per_shard=4)
     manifest = convert_to_shards(listed, tmp_path / "out", samples_per_shard=4, skip_corrupt=True)
     assert manifest.total == 7 and [s["path"] for s in manifest.extra["skipped"]] == [str(broken)]
