@@ -64,6 +64,7 @@ from byol_fast.step import TrainStep
 from byol_fast.stop_signals import EXIT_OK, StopSignals, describe_worker_death
 from pipelines.command_line import CommandParser
 from pipelines.factory import build_train_loader, resolve_backend
+from pipelines.shards import is_shard_spec
 from pipelines.sources import ImageList, scan_image_folder
 from pipelines.synthetic import make_synthetic, stale_reason
 
@@ -508,9 +509,11 @@ def run(config: TrainConfig, device_kind: str, resume_path: Path | None) -> int:
                   f", cuda graph {'on' if trainer.cuda_graph else 'off'}; steps {trainer.completed} -> "
                   f"{trainer.stop_step} of {trainer.total_steps}", file=sys.stderr)
         if info.is_main and config.knn_every_epochs and config.resolved_val_data() is None:
-            print("byol-fast train: no kNN monitor: it needs a labelled --val-data folder with the classes of --data "
-                  "(pass one to follow kNN top-1 during training, or --knn-every-epochs 0 to silence this)",
-                  file=sys.stderr)
+            why = ("it takes its labelled bank from an image folder, and --data is WebDataset shards (pass "
+                   "--knn-every-epochs 0 to silence this)" if is_shard_spec(config.data) else
+                   "it needs a labelled --val-data folder with the classes of --data (pass one to follow kNN top-1 "
+                   "during training, or --knn-every-epochs 0 to silence this)")
+            print(f"byol-fast train: no kNN monitor: {why}", file=sys.stderr)
         stop = StopSignals(announce=info.is_main)
         return trainer.train(logger, stop)
     except (ValueError, CheckpointError) as error:  # no such GPU, DataError, bad checkpoints, problems building

@@ -43,7 +43,7 @@ def test_the_demo_trains_on_http_shards(backend, http_shards, tmp_path, capsys):
             "--device", "cpu", "--no-tensorboard", "--log-every", "1", "--run-dir", str(run_dir)]
     assert train.main(args) == 0, capsys.readouterr().err[-3000:]
     err = capsys.readouterr().err
-    assert f"{backend} data on cpu" in err and "no kNN monitor" in err
+    assert f"{backend} data on cpu" in err and "no kNN monitor: it takes its labelled bank from an image folder" in err
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["bad_samples"] == 0 for r in records)
     assert all(3.0 < r["loss"] < 4.5 for r in records)  # 2 - 2cos summed over two directions, near 4 at init
