@@ -224,3 +224,21 @@ def test_check_data_reads_shards_and_names_each_bad_sample_and_shard(shard_dir, 
     assert out.count("BAD-SAMPLE") == 2 and "FAIL: training would skip" in out
     assert check_main([str(tmp_path / "train-{000000..000006}.tar"), "--workers", "1"]) == 2  # 6: not copied
     assert f"UNREADABLE-SHARD shard {tmp_path / 'train-000006.tar'} does not exist" in capsys.readouterr().out
+
+
+def test_pipe_commands_read_the_same_samples_and_views_as_local_paths(shard_dir):
+    local = _epoch_views("torch", str(shard_dir / "train-{000000..000008}.tar"), rank=1, epoch=0, start=0)
+    piped = _epoch_views("torch", f"pipe:cat {shard_dir}/train-{{000000..000008}}.tar", rank=1, epoch=0, start=0)
+    assert len(local) == len(piped) == 5
+    for a, b in zip(local, piped):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_the_shuffle_buffer_permutes_and_emits_only_what_it_has_read():
+    from pipelines.shard_plan import buffer_shuffle
+
+    assert buffer_shuffle(7, 1, np.random.default_rng(0)).tolist() == list(range(7))
+    order = buffer_shuffle(500, 16, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(500)) and order.tolist() != list(range(500))
+    # The k-th emitted item has been read: with 16 held, position < k + 16 (a stream never reads ahead of that).
+    assert all(position < k + 16 for k, position in enumerate(order.tolist()))
