@@ -242,3 +242,22 @@ def test_the_shuffle_buffer_permutes_and_emits_only_what_it_has_read():
     assert sorted(order.tolist()) == list(range(500)) and order.tolist() != list(range(500))
     # The k-th emitted item has been read: with 16 held, position < k + 16 (a stream never reads ahead of that).
     assert all(position < k + 16 for k, position in enumerate(order.tolist()))
+
+
+def test_a_resume_opens_no_shard_before_the_first_sample_it_needs(shard_dir, monkeypatch):
+    import pipelines.shard_reader as reader
+
+    shards = resolve_shards(str(shard_dir / "train-{000000..000008}.tar"))
+    plan = ShardPlan(tuple(shards.counts), 0, 1, 4, seed=2, streams=1, shuffle_buffer=3)
+    opened = []
+    real = reader.iter_shard
+    monkeypatch.setattr(reader, "iter_shard", lambda url: (opened.append(url), real(url))[1])
+    resumed = [[item.key for item in batch] for batch in stream_batches(shards, plan, 0, 0, first=8)]
+    layout = plan.stream(0, 0)
+    low = int(layout.order[8 * 4:].min())  # the earliest position batches 8.. still need
+    starts = np.cumsum([0] + [shards.counts[s.shard] for s in layout.segments])
+    needed_from = max(i for i, start in enumerate(starts[:-1]) if start <= low)
+    assert opened == [shards.urls[s.shard] for s in layout.segments[needed_from:]] and needed_from >= 5
+    opened.clear()
+    whole = [[item.key for item in batch] for batch in stream_batches(shards, plan, 0, 0)]
+    assert resumed == whole[8:] and len(opened) == len(layout.segments)
