@@ -139,3 +139,13 @@ def test_index_only_writes_the_manifest_and_dali_indexes_of_existing_shards(shar
     assert (out / "train-000002.idx").read_text() == (shards / "train-000002.idx").read_text()
     resolved = resolve_shards(str(shards / "train-{000000..000003}.tar"), manifest=str(out / "manifest.json"))
     assert resolved.counts == [6, 6, 6, 2]
+
+
+def test_a_path_label_list_converts_with_its_labels(folder, tmp_path):
+    images = load_images(folder)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{path} {7 - label}\n" for path, label in zip(images.files[:5], images.labels)))
+    assert convert_main([str(listing), str(tmp_path / "out"), "--samples-per-shard", "3", "--workers", "1"]) == 0
+    got = {s.key: s.label for url in expand_shard_urls(str(tmp_path / "out")) for s in iter_shard(url)}
+    assert got == {f"{i:09d}": 7 - images.labels[i] for i in range(5)}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["classes"] == [str(k) for k in range(8)]
