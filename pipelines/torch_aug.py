@@ -199,17 +199,18 @@ def resize_taps(starts: Tensor, lengths: Tensor, size: int, interpolation: str, 
 
 
 def resample_rows(x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-    """x [N, C, L, M] resampled along L with resize_taps' (index, weight) [N, S, T]: [N, C, S, M].
+    """x [N, C, L, M] resampled along L with resize_taps' (index, weight) [N, S, T]: [N, C, S, M] in weight's dtype.
 
     The taps are whole rows picked by one index_select over all samples and
-    channels (a row copy each), then weighted and summed.
+    channels (a row copy each), then weighted and summed. x may be uint8: only
+    the picked rows are converted, not the whole image.
     """
     n, c, length, m = x.shape
     s, t = index.shape[1:]
     plane = torch.arange(n * c, device=x.device).view(n, c, 1) * length  # first row of each (sample, channel)
     rows = (plane + index.view(n, 1, s * t)).flatten()
-    taps = x.reshape(n * c * length, m).index_select(0, rows).view(n, c, s, t, m)
-    return (taps * weight.view(n, 1, s, t, 1).to(x.dtype)).sum(dim=3)
+    taps = x.reshape(n * c * length, m).index_select(0, rows).view(n, c, s, t, m).to(weight.dtype)
+    return taps.mul_(weight.view(n, 1, s, t, 1)).sum(dim=3)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, antialias: bool = False,
@@ -236,7 +237,8 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, a
         mirrored = flip[:, None, None]
         col_index = torch.where(mirrored, col_index.flip(1), col_index)
         col_weight = torch.where(mirrored, col_weight.flip(1), col_weight)
-    return resample_both(images, (row_index, row_weight), (col_index, col_weight))
+    weights = (row_weight.to(images.dtype), col_weight.to(images.dtype))
+    return resample_both(images, (row_index, weights[0]), (col_index, weights[1]))
 
 
 def resample_both(images: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor, Tensor]) -> Tensor:
@@ -274,15 +276,15 @@ def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-def _pick(chosen: Tensor, when_true: Tensor, when_false: Tensor) -> Tensor:
-    """Per sample, `when_true` where `chosen` ([N] bool) else `when_false`; both finite.
+def _pick_(chosen: Tensor, into: Tensor, other: Tensor) -> Tensor:
+    """Per sample, replace `into` by `other` where `chosen` ([N] bool), in place; both finite.
 
     The select is arithmetic (a * 1 + b * 0 is exactly a for finite values):
     a CPU torch.where with a broadcast mask costs ~10x an elementwise product,
     and on a GPU both are one pass over memory.
     """
-    mask = _per_sample(chosen.to(when_true.dtype))
-    return torch.addcmul(when_false * (1 - mask), when_true, mask)
+    mask = _per_sample(chosen.to(into.dtype))
+    return into.mul_(1 - mask).addcmul_(other, mask)
 
 
 def _gray(images: Tensor) -> Tensor:
@@ -299,8 +301,8 @@ def _horizontal_flip(images: Tensor, flipped: Tensor) -> Tensor:
     return images.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
-def _jitter_slot(images: Tensor, value: Tensor, op: Tensor, recipe: str) -> Tensor:
-    """One jitter slot: per sample, brightness (op 0), contrast (op 1) or saturation (op 2) with `value`.
+def _jitter_slot_(images: Tensor, value: Tensor, op: Tensor, recipe: str) -> Tensor:
+    """One jitter slot, in place: per sample, brightness (op 0), contrast (op 1) or saturation (op 2) with `value`.
 
     Each is an affine map clamp(a * x + b, 0, 1) with per-sample (or per-pixel) a, b:
       official     brightness a=1, b=delta; contrast a=f, b=(1-f) * channel mean;
@@ -317,17 +319,18 @@ def _jitter_slot(images: Tensor, value: Tensor, op: Tensor, recipe: str) -> Tens
     brightness, contrast, saturation = (_per_sample(w) for w in chosen.unbind(dim=1))
     v = _per_sample(value)
     if recipe == "official":
-        maxc, minc = images.amax(dim=1, keepdim=True), images.amin(dim=1, keepdim=True)
-        ratio = torch.minimum(v, maxc / (maxc - minc).clamp_(min=1e-12))  # grays: any ratio is exact
+        maxc = images.amax(dim=1, keepdim=True)
+        ratio = torch.sub(maxc, images.amin(dim=1, keepdim=True)).clamp_(min=1e-12)  # chroma; grays: any ratio
+        ratio = torch.minimum(torch.div(maxc, ratio, out=ratio), v, out=ratio)  # is exact for them
         channel_mean = images.mean(dim=(-2, -1), keepdim=True)
-        scale = torch.addcmul(brightness + contrast * v, saturation, ratio)  # [N, 1, H, W]
-        pixel_shift = (1 - ratio).mul_(maxc).mul_(saturation)
         sample_shift = brightness * v + contrast * (1 - v) * channel_mean  # [N, 3, 1, 1]
-        return torch.addcmul(pixel_shift, images, scale).add_(sample_shift).clamp_(0, 1)
+        pixel_shift = torch.mul(saturation, maxc, out=maxc).addcmul_(ratio, maxc, value=-1)  # (1 - r) v, or 0
+        scale = ratio.mul_(saturation).add_(brightness + contrast * v)  # [N, 1, H, W]
+        return images.mul_(scale).add_(pixel_shift).add_(sample_shift).clamp_(0, 1)
     gray = _gray(images)
     sample_shift = (1 - v) * contrast * gray.mean(dim=(-3, -2, -1), keepdim=True)
     pixel_shift = gray.mul_((1 - v) * saturation)
-    return torch.addcmul(pixel_shift, images, v).add_(sample_shift).clamp_(0, 1)
+    return images.mul_(v).add_(pixel_shift).add_(sample_shift).clamp_(0, 1)
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     """torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, HSV -> RGB) with a per-sample shift.
 
@@ -335,7 +338,7 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     k = (n + 6 h) mod 6 (n = 5, 3, 1 for R, G, B; C = V * S = max - min), which is
     torchvision's piecewise table written without a gather. The hue's sector (which channel is
     the max; ties resolve R before G before B, as in torchvision) is chosen with 0/1 weights, not
-    torch.where, for the CPU's sake (see _pick).
+    torch.where, for the CPU's sake (see _pick_).
     """
     r, g, b = images.unbind(dim=1)
     maxc, minc = images.amax(dim=1), images.amin(dim=1)
@@ -351,13 +354,14 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     hue6.sub_(hue6.div(6).floor_().mul_(6))  # into [0, 6)
     offsets = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     k = offsets + hue6.unsqueeze(1)  # [1, 11): one wrap left, k - 6 is exact there
-    k.sub_(torch.ge(k, 6, out=torch.empty_like(k)).mul_(6))
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1)
+    scratch = torch.ge(k, 6, out=torch.empty_like(k))
+    k.sub_(scratch.mul_(6))
+    ramp = torch.minimum(k, scratch.copy_(k).neg_().add_(4), out=k).clamp_(0, 1)  # clamp(min(k, 4 - k), 0, 1)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1, out=scratch)
 
 
-def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
-    """The four jitter ops in each sample's own order, where jittered.
+def _color_jitter_(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
+    """The four jitter ops in each sample's own order, where jittered, in place.
 
     Hue is the one op that is not affine, so it runs once: the affine ops ordered
     before it (by `jitter_order`) go in three slots before, the rest in three
@@ -367,7 +371,6 @@ def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
     hue_position = rank[:, 3]
     affine_order = rank[:, :3].argsort(dim=1)  # brightness/contrast/saturation ids, in application order
     identity_values = reference.identity_jitter_values(recipe)
-    x = images
     for before_hue in (True, False):
         for slot in range(3):
             op = affine_order[:, slot]
@@ -375,10 +378,10 @@ def _color_jitter(images: Tensor, params: ViewParams, recipe: str) -> Tensor:
             drawn = params.jitter_factors.gather(1, op[:, None]).squeeze(1)
             # Slot ops are 0..2; contrast's and saturation's identity (1) is the same, so one where picks it.
             identity = torch.where(op == 0, identity_values[0], identity_values[1]).to(drawn.dtype)
-            x = _jitter_slot(x, torch.where(params.jittered & in_phase, drawn, identity), op, recipe)
+            _jitter_slot_(images, torch.where(params.jittered & in_phase, drawn, identity), op, recipe)
         if before_hue:
-            x = _pick(params.jittered, _shift_hue(x, params.jitter_factors[:, 3]), x)
-    return x
+            _pick_(params.jittered, images, _shift_hue(images, params.jitter_factors[:, 3]))
+    return images
 
 
 def _gaussian_blur(images: Tensor, sigmas: Tensor, kernel_size: int, recipe: str) -> Tensor:
@@ -414,12 +417,14 @@ def apply_view_params(images: Tensor, params: ViewParams, kernel_size: int, sola
     if kernel_size % 2 == 0 or kernel_size // 2 >= min(images.shape[-2:]):
         raise ValueError(f"kernel_size={kernel_size} must be odd and its half smaller than the image side "
                          f"{min(images.shape[-2:])}: use spec.blur_kernel_size")
-    x = _horizontal_flip(images, params.flipped) if flip else images
-    x = _color_jitter(x, params, recipe)
-    x = _pick(params.grayscaled, _gray(x).expand_as(x), x)
-    x = _pick(params.blurred, _gaussian_blur(x, params.sigmas, kernel_size, recipe), x)
+    # One working copy (the flip's gather makes it), updated in place from here on.
+    x = _horizontal_flip(images, params.flipped) if flip else images.clone()
+    _color_jitter_(x, params, recipe)
+    _pick_(params.grayscaled, x, _gray(x))
+    _pick_(params.blurred, x, _gaussian_blur(x, params.sigmas, kernel_size, recipe))
+    # Solarize: x - 2 x s + s with s = 1 where inverted: exactly 1 - x there (x - 2x = -x), x elsewhere.
     inverted = torch.ge(x, solarize_threshold, out=torch.empty_like(x)).mul_(_per_sample(params.solarized.to(x.dtype)))
-    return torch.addcmul(x * (1 - inverted), 1 - x, inverted)
+    return x.addcmul_(x, inverted, value=-2).add_(inverted)
 
 
 def apply_view(images: Tensor, view: ViewSpec, kernel_size: int, generator: torch.Generator | None = None,

@@ -271,16 +271,16 @@ class TorchImagePipeline:
         widths = torch.tensor([image.shape[-1] for image in decoded])
         boxes = [sample_crop_boxes(heights, widths, view, generator, spec.recipe).int() for view in spec.views]
         crops = torch.empty(2, batch, 3, spec.image_size, spec.image_size, device=self.device)
-        units = [image.to(torch.float32).mul_(1.0 / 255) for image in decoded]
         for first in range(0, batch, _TAPS_CHUNK):
             chunk = [box[first:first + _TAPS_CHUNK] for box in boxes]
             sides = torch.cat(chunk)[:, 2:]  # [2 * chunk, 2] (h, w): view 1's crops, then view 2's
             rows, cols = (self._taps(sides[:, axis]) for axis in (0, 1))
+            rows[1].mul_(1.0 / 255)  # uint8 levels to [0, 1], folded into the first pass's weights
             count = len(chunk[0])
             for v in (0, 1):
                 for j, (top, left, h, w) in enumerate(chunk[v].tolist()):
                     k = slice(v * count + j, v * count + j + 1)
-                    window = units[first + j][None, :, top:top + h, left:left + w]
+                    window = decoded[first + j][None, :, top:top + h, left:left + w]  # uint8
                     crops[v, first + j] = resample_both(window, (rows[0][k], rows[1][k]), (cols[0][k], cols[1][k]))[0]
         # Bicubic overshoots [0, 1]; both recipes clip it.
         crops.clamp_(0, 1)
