@@ -19,7 +19,7 @@ setup(
         "pillow",
         "tensorboard",
         "tqdm",
-        # WebDataset tar shards (pipelines/shards.py): pure Python, with braceexpand and pyyaml.
+        # WebDataset tar shards (pipelines/shards/source.py): pure Python, with braceexpand and pyyaml.
         "webdataset>=1.0",
         "tomli; python_version < '3.11'",
     ],

@@ -4,7 +4,7 @@ a loopback HTTP server; images/s and CPU cores used (pipeline_bench's measuremen
 The shards are written by `convert_to_shards` (the same bytes as the folder's files) into a temporary folder and
 served by http.server in a thread of this process on 127.0.0.1, so the HTTP rows' CPU includes serving
 (small: the server copies files in 64 KB chunks). DALI reads local shards with fn.readers.webdataset and its
-index files, and HTTP shards through the stream reader that feeds its external source (pipelines/shard_dali.py).
+index files, and HTTP shards through the stream reader that feeds its external source (pipelines/shards/dali.py).
 
     python -m benchmarks.shard_bench --small --device cpu     # CPU: 64 px views, batch 16, 512 images
     python -m benchmarks.shard_bench                          # GPU machine: 224 px, batch 256, 8192 images
@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.common import (BenchResult, Column, PlotSpec, apply_threads, bench_parser, resolve_device,
                                synthetic_train_dir)
 from benchmarks.pipeline_bench import describe, measure_backend
-from pipelines.convert_shards import convert_to_shards
+from pipelines.shards.convert import convert_to_shards
 from pipelines.sources import load_images
 from pipelines.spec import AugmentationSpec
 

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("pipelines.check_data", "report every problem of an image tree (empty folders, bad files)"),
     "show-views": ("pipelines.show_views", "write a PNG grid of view pairs from any backend"),
     "convert-ffcv": ("pipelines.ffcv_loader", "convert an image folder to an FFCV .beton file"),
-    "convert-shards": ("pipelines.convert_shards", "convert an image folder to WebDataset tar shards + manifest"),
+    "convert-shards": ("pipelines.shards.convert", "convert an image folder to WebDataset tar shards + manifest"),
     "train": ("byol_fast.train", "BYOL pretraining (also: torchrun -m byol_fast.train)"),
     "eval": ("byol_fast.evaluate", "linear or kNN evaluation of a pretrained encoder"),
     "export": ("byol_fast.export", "export the encoder as a torchvision state_dict"),

@@ -231,7 +231,7 @@ class TrainConfig:
         self._validate_data()
 
     def _validate_data(self) -> None:
-        from pipelines.shards import is_shard_spec
+        from pipelines.shards.source import is_shard_spec
         from pipelines.synthetic import DEFAULT_CLASSES
 
         if self.shuffle_buffer < 0 or not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -244,7 +244,7 @@ class TrainConfig:
             if self.val_data and self.knn_every_epochs:
                 raise ValueError(f"the kNN monitor (val_data={self.val_data!r}) takes its labelled bank from an "
                                  f"image folder, but data is shards: pass --knn-every-epochs 0 or unset val_data")
-            return  # read at start-up (pipelines/shards.py names a missing shard or manifest and the fix)
+            return  # read at start-up (pipelines/shards/source.py names a missing shard or manifest and the fix)
         path = Path(self.data).expanduser()
         writes_synthetic = self.writes_synthetic()
         if writes_synthetic and path.name != "train":
@@ -312,7 +312,7 @@ class TrainConfig:
         `data` is missing or lies in a tree pipelines.synthetic wrote; a folder of the user's is read as it is."""
         from pipelines.synthetic import MANIFEST  # here: the config imports without the data stack
 
-        from pipelines.shards import is_shard_spec
+        from pipelines.shards.source import is_shard_spec
 
         path = Path(self.data).expanduser()
         if is_shard_spec(self.data):

@@ -64,7 +64,7 @@ from byol_fast.step import TrainStep
 from byol_fast.stop_signals import EXIT_OK, StopSignals, describe_worker_death
 from pipelines.command_line import CommandParser
 from pipelines.factory import build_train_loader, resolve_backend
-from pipelines.shards import is_shard_spec
+from pipelines.shards.source import is_shard_spec
 from pipelines.sources import ImageList, scan_image_folder
 from pipelines.synthetic import make_synthetic, stale_reason
 

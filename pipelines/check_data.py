@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipelines.command_line import CommandParser, integer
 from pipelines.decode import ImageInfo, extension_format, load_rgb, probe_image
-from pipelines.shards import is_shard_spec
+from pipelines.shards.source import is_shard_spec
 from pipelines.sources import DataError, ImageList, images_under, load_images, visible_subfolders
 
 UNREADABLE = "unreadable"
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `byol-fast check-data`; exit code 0 all decodable, 1 some unreadable, 2 unusable layout."""
     args = build_parser().parse_args(argv)
     if is_shard_spec(args.dir):
-        from pipelines.check_shards import main_shards
+        from pipelines.shards.check import main_shards
 
         return main_shards(args.dir, args.workers, args.max_listed)
     try:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from pipelines.device import concrete_device
-from pipelines.shards import is_shard_spec
+from pipelines.shards.source import is_shard_spec
 from pipelines.sources import load_images
 from pipelines.spec import AugmentationSpec
 
@@ -110,7 +110,7 @@ def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, p
     """A TrainLoader of `backend` ("auto" resolved by `resolve_backend`) over `data` for one rank.
 
     data: an image folder or 'path label' list (torchvision, torch, dali), a .beton file (ffcv) or a
-    views .pt file (views), or WebDataset shards (pipelines/shards.py: torchvision, torch, dali; their
+    views .pt file (views), or WebDataset shards (pipelines/shards/source.py: torchvision, torch, dali; their
     manifest from `shard_manifest` or beside them, `shuffle_buffer` samples per stream, and bad samples
     skipped up to `max_bad_fraction` of an epoch). `out`: the step's static input buffers, written in
     place each batch. Structural data problems raise DataError (a ValueError) naming the path and the fix.
@@ -121,7 +121,7 @@ def build_train_loader(backend: str, data: str | Path, spec: AugmentationSpec, p
             buffer.is_contiguous(memory_format=torch.channels_last) for buffer in out):
         out = None  # these write channels_last only; the step then copies each batch into its own buffers
     if is_shard_spec(data):
-        from pipelines.shard_factory import build_shard_loader
+        from pipelines.shards.factory import build_shard_loader
 
         return build_shard_loader(name, str(data), spec, per_rank_batch, rank=rank, world_size=world_size, seed=seed,
                                   device=device, dtype=dtype, workers=workers, out=out, manifest=shard_manifest,

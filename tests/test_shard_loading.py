@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.convert_shards import convert_to_shards, dali_index_lines
+from pipelines.shards.convert import convert_to_shards, dali_index_lines
 from pipelines.factory import build_train_loader
-from pipelines.shard_plan import ShardPlan
-from pipelines.shard_reader import stream_batches
-from pipelines.shards import TruncatedShardError, iter_shard, resolve_shards
+from pipelines.shards.plan import ShardPlan
+from pipelines.shards.reader import stream_batches
+from pipelines.shards.source import TruncatedShardError, iter_shard, resolve_shards
 from pipelines.sources import DataError, load_images
 from pipelines.spec import AugmentationSpec
 from pipelines.synthetic import make_synthetic
@@ -88,7 +88,7 @@ def test_each_rank_reads_its_range_of_the_epochs_shard_order_in_the_plans_order(
 @pytest.mark.parametrize("through", ["reader", "feed"])
 def test_dali_reads_exactly_each_ranks_plan_range(through, shard_dir, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from pipelines.shard_dali import DaliShardLoader
+    from pipelines.shards.dali import DaliShardLoader
 
     if through == "feed":  # no DALI indexes: the stream reader feeds DALI
         for tar in shard_dir.glob("*.tar"):
@@ -199,7 +199,7 @@ def test_bad_samples_are_replaced_counted_named_and_stop_the_run_past_the_thresh
 
 
 def test_ffcv_over_shards_is_refused_with_the_fix(shard_dir):
-    from pipelines.shard_factory import build_shard_loader
+    from pipelines.shards.factory import build_shard_loader
 
     with pytest.raises(DataError, match=r"'ffcv' reads a .beton file .*not WebDataset shards.*--data-backend torch"):
         build_shard_loader("ffcv", str(shard_dir), SPEC, 4, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
@@ -235,7 +235,7 @@ def test_pipe_commands_read_the_same_samples_and_views_as_local_paths(shard_dir)
 
 
 def test_the_shuffle_buffer_permutes_and_emits_only_what_it_has_read():
-    from pipelines.shard_plan import buffer_shuffle
+    from pipelines.shards.plan import buffer_shuffle
 
     assert buffer_shuffle(7, 1, np.random.default_rng(0)).tolist() == list(range(7))
     order = buffer_shuffle(500, 16, np.random.default_rng(1))
@@ -245,7 +245,7 @@ def test_the_shuffle_buffer_permutes_and_emits_only_what_it_has_read():
 
 
 def test_a_resume_opens_no_shard_before_the_first_sample_it_needs(shard_dir, monkeypatch):
-    import pipelines.shard_reader as reader
+    import pipelines.shards.reader as reader
 
     shards = resolve_shards(str(shard_dir / "train-{000000..000008}.tar"))
     plan = ShardPlan(tuple(shards.counts), 0, 1, 4, seed=2, streams=1, shuffle_buffer=3)

@@ -14,7 +14,7 @@ from test_shard_loading import serve
 
 from byol_fast import train
 from byol_fast.checkpoint import CheckpointManager
-from pipelines.convert_shards import convert_to_shards
+from pipelines.shards.convert import convert_to_shards
 from pipelines.sources import load_images
 from pipelines.synthetic import make_synthetic
 

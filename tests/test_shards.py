@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.convert_shards import convert_to_shards, dali_index_lines, main as convert_main
-from pipelines.shards import (ShardError, expand_shard_urls, is_shard_spec, iter_shard, manifest_url_for,
+from pipelines.shards.convert import convert_to_shards, dali_index_lines, main as convert_main
+from pipelines.shards.source import (ShardError, expand_shard_urls, is_shard_spec, iter_shard, manifest_url_for,
                               resolve_shards, shard_name)
 from pipelines.sources import DataError, load_images
 from pipelines.synthetic import make_synthetic
@@ -128,7 +128,7 @@ def test_unreadable_images_fail_the_conversion_by_name_unless_skipped(folder, tm
 
 
 def test_index_only_writes_the_manifest_and_dali_indexes_of_existing_shards(shards, tmp_path):
-    from pipelines.convert_shards import index_existing
+    from pipelines.shards.convert import index_existing
 
     out = tmp_path / "meta"
     manifest = index_existing(str(shards / "train-{000000..000003}.tar"), out)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from pipelines.factory import TrainLoader
-from pipelines.shards import resolve_shards
+from pipelines.shards.source import resolve_shards
 from pipelines.sources import DataError
 from pipelines.spec import AugmentationSpec
 
@@ -27,20 +27,20 @@ def build_shard_loader(backend: str, data: str, spec: AugmentationSpec, per_rank
     common = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
                   max_bad_fraction=max_bad_fraction)
     if backend == "torchvision":
-        from pipelines.shard_loaders import ShardTorchvisionLoader
+        from pipelines.shards.loaders import ShardTorchvisionLoader
 
         loader = ShardTorchvisionLoader(shards, spec, per_rank_batch, workers=workers, device=device, dtype=dtype,
                                         **common)
         return TrainLoader(backend, len(loader), lambda epoch, start: loader.batches(epoch, start, out),
                            _metrics_fn=loader.ledger.metrics)
     if backend == "torch":
-        from pipelines.shard_loaders import ShardTorchPipeline
+        from pipelines.shards.loaders import ShardTorchPipeline
 
         native = ShardTorchPipeline(shards, spec, per_rank_batch, device=device, dtype=dtype,
                                     num_threads=max(workers, 1), **common)
         return TrainLoader(backend, len(native), lambda epoch, start: native.batches(epoch, out, start),
                            native.close, native.ledger.metrics)
-    from pipelines.shard_dali import DaliShardLoader
+    from pipelines.shards.dali import DaliShardLoader
 
     dali = DaliShardLoader(shards, spec, per_rank_batch, device="gpu" if device.type == "cuda" else "cpu",
                            dtype=dtype, num_threads=workers or None, out=out, **common)

@@ -10,7 +10,7 @@ Two ways the encoded samples reach the decoder, one per kind of URL:
   inside a shard; DALI's `random_shuffle` buffer of `shuffle_buffer` samples, seeded by (seed, epoch,
   rank), shuffles within it.
 - http(s)://, pipe: and local shards without an index: DALI has no reader for streams, so an external
-  source feeds it the encoded bytes of the plan's batches (pipelines/shard_reader.py, webdataset's tar
+  source feeds it the encoded bytes of the plan's batches (pipelines/shards/reader.py, webdataset's tar
   iterator), read in the pipeline's feeding thread.
 
 Each epoch builds its pipeline seeded by (seed, epoch, rank) (`pipeline_seed`), and a resume at batch
@@ -41,9 +41,9 @@ from nvidia.dali import pipeline_def
 from pipelines.dali_ops import make_crop
 from pipelines.dali_pipeline import DaliTwoViewLoader, default_num_threads, pipeline_seed
 from pipelines.decode import CorruptImageError, decode_rgb
-from pipelines.shard_plan import ShardPlan
-from pipelines.shard_reader import BadSampleLedger, Item, fill_from_good, stream_batches
-from pipelines.shards import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSet
+from pipelines.shards.plan import ShardPlan
+from pipelines.shards.reader import BadSampleLedger, Item, fill_from_good, stream_batches
+from pipelines.shards.source import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSet
 from pipelines.sources import DataError
 from pipelines.spec import AugmentationSpec
 from pipelines.torch_aug import TorchTwoViewAugment

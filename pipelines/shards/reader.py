@@ -1,7 +1,7 @@
 """Reading one stream of a ShardPlan: batches of raw samples in plan order, and what to do with bad ones.
 
-`stream_batches` walks the shard runs of a stream (pipelines/shard_plan.py) with webdataset's tar
-iterator (pipelines/shards.py), keeps the samples the plan still needs, and hands out each batch's
+`stream_batches` walks the shard runs of a stream (pipelines/shards/plan.py) with webdataset's tar
+iterator (pipelines/shards/source.py), keeps the samples the plan still needs, and hands out each batch's
 samples in the plan's order. Bad samples never stop the stream: a member missing its image or its
 label, and every sample a truncated shard no longer holds (fewer read than the manifest counts),
 arrive as `Item`s with a `problem`; the backends add images that do not decode. `fill_from_good`
@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from pipelines.shard_plan import Segment, ShardPlan
-from pipelines.shards import RawSample, ShardSet, TruncatedShardError, iter_shard
+from pipelines.shards.plan import Segment, ShardPlan
+from pipelines.shards.source import RawSample, ShardSet, TruncatedShardError, iter_shard
 from pipelines.sources import DataError
 
 _NAMED_PER_SHARD = 3

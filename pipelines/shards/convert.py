@@ -17,7 +17,7 @@ sources or settings, is refused without `--overwrite`, which deletes only the fi
 names (shards, indexes, markers, manifest), never anything else in OUT.
 
 `--index-only SPEC OUT` writes a manifest (and DALI indexes of local shards) for shards made
-elsewhere: SPEC is a shard spec (pipelines/shards.py); classes are then the label numbers.
+elsewhere: SPEC is a shard spec (pipelines/shards/source.py); classes are then the label numbers.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 
 from pipelines.command_line import CommandParser, integer
 from pipelines.decode import CorruptImageError, decode_rgb, sniff_format
-from pipelines.shards import (LABEL_EXTENSION, MANIFEST_NAME, ShardError, ShardInfo, ShardManifest, expand_shard_urls,
+from pipelines.shards.source import (LABEL_EXTENSION, MANIFEST_NAME, ShardError, ShardInfo, ShardManifest, expand_shard_urls,
                               iter_shard, shard_name)
 from pipelines.sources import DataError, ImageList, load_images
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 from pipelines.decode import CorruptImageError, decode_rgb
-from pipelines.shards import (ShardError, ShardSet, TruncatedShardError, iter_shard, read_manifest, resolve_shards,
+from pipelines.shards.source import (ShardError, ShardSet, TruncatedShardError, iter_shard, read_manifest, resolve_shards,
                               shard_name)
 
 

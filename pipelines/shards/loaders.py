@@ -10,7 +10,7 @@
 
 Both start any batch of an epoch without producing the ones before it (the plan knows its samples),
 so a mid-epoch resume reads only from the first shard it still needs and makes the same views.
-Bad samples (pipelines/shard_reader.py) are replaced in their batch and counted by the ledger.
+Bad samples (pipelines/shards/reader.py) are replaced in their batch and counted by the ledger.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.decode import CorruptImageError, decode_rgb
-from pipelines.shard_plan import ShardPlan
-from pipelines.shard_reader import BadSampleLedger, Item, fill_from_good, stream_batches
-from pipelines.shards import ShardSet
+from pipelines.shards.plan import ShardPlan
+from pipelines.shards.reader import BadSampleLedger, Item, fill_from_good, stream_batches
+from pipelines.shards.source import ShardSet
 from pipelines.sources import ImageList
 from pipelines.spec import AugmentationSpec
 from pipelines.torch_aug import TorchTwoViewAugment
