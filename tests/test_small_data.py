@@ -16,6 +16,7 @@ from byol_fast.optimizers import build_optimizer, peak_lr
 from byol_fast.step import TrainStep
 from pipelines.spec import AugmentationSpec
 from pipelines.torch_aug import TorchTwoViewAugment
+from run_helpers import one_thread  # noqa: F401 (a fixture)
 
 pytest.importorskip("timm", reason="the timm extra is not installed: pip install 'byol-fast[timm]'")
 load_digits = pytest.importorskip("sklearn.datasets").load_digits
@@ -80,11 +81,3 @@ def test_adamw_at_the_presets_rate_lowers_the_loss_far_more_than_lars_at_02(one_
     lars = resolve_config("small-data", overrides={"optimizer": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6})
     losses = {name: late_loss(config, pixels, seed=0) for name, config in (("adamw", adamw), ("lars", lars))}
     assert losses["lars"] - losses["adamw"] > MIN_GAP, losses
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
