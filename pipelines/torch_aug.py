@@ -320,8 +320,9 @@ def _jitter_slot_(images: Tensor, value: Tensor, op: Tensor, recipe: str) -> Ten
     v = _per_sample(value)
     if recipe == "official":
         maxc = images.amax(dim=1, keepdim=True)
-        ratio = torch.sub(maxc, images.amin(dim=1, keepdim=True)).clamp_(min=1e-12)  # chroma; grays: any ratio
-        ratio = torch.minimum(torch.div(maxc, ratio, out=ratio), v, out=ratio)  # is exact for them
+        chroma = torch.sub(maxc, images.amin(dim=1, keepdim=True)).clamp_(min=1e-12)
+        # r = min(f, v / chroma), written over chroma; for gray pixels any r is exact.
+        ratio = torch.minimum(torch.div(maxc, chroma, out=chroma), v, out=chroma)
         channel_mean = images.mean(dim=(-2, -1), keepdim=True)
         sample_shift = brightness * v + contrast * (1 - v) * channel_mean  # [N, 3, 1, 1]
         pixel_shift = torch.mul(saturation, maxc, out=maxc).addcmul_(ratio, maxc, value=-1)  # (1 - r) v, or 0
