@@ -182,22 +182,9 @@ class DaliTwoViewLoader:
                  dtype: torch.dtype = torch.bfloat16, num_threads: int | None = None, prefetch: int = 2,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None, shuffle: bool = True,
                  debug_outputs: bool = False) -> None:
-        if device not in ("gpu", "cpu"):
-            raise ValueError(f"device={device!r}: use 'gpu' (mixed nvJPEG decode, GPU augmentation) or 'cpu'")
-        if device == "gpu" and not torch.cuda.is_available():
-            raise ValueError("device='gpu' needs CUDA, which torch cannot see here: use device='cpu' (DALI CPU mode)")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
-        if batch_size < 1 or prefetch < 1 or (num_threads is not None and num_threads < 1):
-            raise ValueError(f"batch_size={batch_size}, prefetch={prefetch} and num_threads={num_threads} must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self._configure(spec, batch_size, rank, world_size, device, seed, dtype, num_threads, prefetch)
         self.files, self.labels = _unpack(images)
-        self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
-        self.device, self.seed, self.dtype, self.shuffle = device, seed, dtype, shuffle
-        self.num_threads = num_threads or default_num_threads()
-        self.prefetch, self.debug_outputs = prefetch, debug_outputs
-        self.torch_device = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "gpu" else "cpu")
+        self.shuffle, self.debug_outputs = shuffle, debug_outputs
         self._batches = samples_per_rank(len(self.files), world_size, batch_size) // batch_size
         if self._batches == 0:
             raise DataError(f"{len(self.files)} images are too few for world_size={world_size} x batch_size="
@@ -208,6 +195,25 @@ class DaliTwoViewLoader:
         self._source: EpochShardSource | None = None
         self._position = (-1, 0)  # (epoch, batch) the pipeline delivers next
         self._delivered = 0  # batches this pipeline delivered
+
+    def _configure(self, spec: AugmentationSpec, batch_size: int, rank: int, world_size: int, device: str, seed: int,
+                   dtype: torch.dtype, num_threads: int | None, prefetch: int) -> None:
+        """Check and keep what every DALI loader shares (folders and shards): device, dtype, batch, rank, threads,
+        and the torch colour stage with its generator."""
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"device={device!r}: use 'gpu' (mixed nvJPEG decode, GPU augmentation) or 'cpu'")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("device='gpu' needs CUDA, which torch cannot see here: use device='cpu' (DALI CPU mode)")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype} is not supported: use torch.bfloat16, torch.float16 or torch.float32")
+        if batch_size < 1 or prefetch < 1 or (num_threads is not None and num_threads < 1):
+            raise ValueError(f"batch_size={batch_size}, prefetch={prefetch} and num_threads={num_threads} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
+        self.device, self.seed, self.dtype = device, seed, dtype
+        self.num_threads, self.prefetch = num_threads or default_num_threads(), prefetch
+        self.torch_device = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "gpu" else "cpu")
         self._augment = TorchTwoViewAugment(spec, self.torch_device, dtype)
         self._generator = torch.Generator(self.torch_device)  # the colour draws, seeded with the pipeline
 

@@ -39,14 +39,13 @@ import torch
 from nvidia.dali import pipeline_def
 
 from pipelines.dali_ops import make_crop
-from pipelines.dali_pipeline import DaliTwoViewLoader, default_num_threads, pipeline_seed
+from pipelines.dali_pipeline import DaliTwoViewLoader, pipeline_seed
 from pipelines.decode import CorruptImageError, decode_rgb
 from pipelines.shards.plan import ShardPlan
 from pipelines.shards.reader import BadSampleLedger, Item, fill_from_good, stream_batches
 from pipelines.shards.source import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSet
 from pipelines.sources import DataError
 from pipelines.spec import AugmentationSpec
-from pipelines.torch_aug import TorchTwoViewAugment
 
 _IMAGE_EXT = ";".join(IMAGE_EXTENSIONS)
 
@@ -107,12 +106,8 @@ class DaliShardLoader(DaliTwoViewLoader):
                  num_threads: int | None = None, prefetch: int = 2,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None, shuffle_buffer: int = 1000,
                  max_bad_fraction: float = 0.001) -> None:
-        if device == "gpu" and not torch.cuda.is_available():
-            raise ValueError("device='gpu' needs CUDA, which torch cannot see here: use device='cpu' (DALI CPU mode)")
-        self.shards, self.spec, self.batch_size, self.rank, self.world_size = shards, spec, batch_size, rank, world_size
-        self.device, self.seed, self.dtype = device, seed, dtype
-        self.num_threads, self.prefetch, self.debug_outputs = num_threads or default_num_threads(), prefetch, False
-        self.torch_device = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "gpu" else "cpu")
+        self._configure(spec, batch_size, rank, world_size, device, seed, dtype, num_threads, prefetch)
+        self.shards, self.debug_outputs = shards, False
         self.plan = ShardPlan(tuple(shards.counts), rank, world_size, batch_size, seed, 1, shuffle_buffer)
         self._batches = self.plan.num_batches
         self.out = self._check_out(out)
@@ -121,8 +116,6 @@ class DaliShardLoader(DaliTwoViewLoader):
         self.native = all(index is not None for index in self.indexes)
         self.known_bad: dict[tuple[str, str], str] = {}  # (shard, key) -> why, found by a failed decode
         self._tmp: tempfile.TemporaryDirectory | None = None  # the trimmed indexes of the reader (made on use)
-        self._augment = TorchTwoViewAugment(spec, self.torch_device, dtype)
-        self._generator = torch.Generator(self.torch_device)
         self._pipe = self._feed = None
         self._recorded: set[tuple[int, str, str]] = set()
 
