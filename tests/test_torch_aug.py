@@ -5,6 +5,7 @@ plus sampling statistics, the data contract, determinism, no host syncs, and (on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import torchvision.transforms as T1
 import torchvision.transforms.v2.functional as TF
 
-from pipelines import fidelity, reference
+from pipelines import fidelity, reference, torch_aug
 from pipelines.spec import AugmentationSpec, ViewSpec
 from pipelines.torch_aug import (
     TorchTwoViewAugment,
@@ -269,6 +270,25 @@ def test_apply_view_matches_the_reference_chain_per_sample(recipe):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("recipe", ["official", "torchvision"])
+def test_cpu_stages_on_drawn_samples_equal_the_device_path(recipe, monkeypatch):
+    """On the CPU each stage runs on the samples that drew it only; the result is the device path's (every
+    stage on the whole batch, masked) on the same draws, and a stage no sample drew does not run."""
+    n, k = 64, 5
+    images = torch.rand(n, 3, 16, 16, generator=_gen(31))
+    p = sample_view_params(n, HALF_VIEW, "cpu", _gen(32), recipe)
+    subsets = apply_view_params(images, p, k, 0.5, recipe=recipe)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_aug, "SUBSET_DEVICES", frozenset())
+        whole = apply_view_params(images, p, k, 0.5, recipe=recipe)
+    torch.testing.assert_close(subsets, whole, atol=1e-6, rtol=0)
+    blurs = []
+    monkeypatch.setattr(torch_aug, "_gaussian_blur", lambda x, *args: blurs.append(len(x)) or x)
+    apply_view_params(images, p, k, 0.5, recipe=recipe)
+    apply_view_params(images, dataclasses.replace(p, blurred=torch.zeros(n, dtype=torch.bool)), k, 0.5, recipe=recipe)
+    assert blurs == [int(p.blurred.sum())]
+
+
 def test_jitter_order_matters_per_sample():
     """Brightness then contrast is not contrast then brightness (a clip between them): the order is honoured."""
     n = 2
@@ -302,7 +322,9 @@ def test_two_views_match_torchvision_crop_colour_normalize():
             torch.testing.assert_close(view_out[i], want, atol=1e-4, rtol=0)
 
 
-def test_contract_determinism_and_no_host_sync(forbid_host_sync):
+def test_contract_determinism_and_no_host_sync(forbid_host_sync, monkeypatch):
+    """The device path (every stage on the whole batch, as on a GPU) run here: no host sync anywhere."""
+    monkeypatch.setattr(torch_aug, "SUBSET_DEVICES", frozenset())
     spec = AugmentationSpec(image_size=32)
     aug = TorchTwoViewAugment(spec, dtype=torch.bfloat16)
     batch = torch.randint(0, 256, (8, 3, 40, 48), dtype=torch.uint8, generator=_gen(15))
