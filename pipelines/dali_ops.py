@@ -19,11 +19,16 @@ both; "exact" means float32 rounding, under 0.01 of a level):
   at once, the first whose box fits, else the central fallback with the aspect
   clamped. Sides round half up (the reference: half to even; a tie has
   probability ~0 with float draws).
-- Resize: the box is cut out (`fn.slice`) and resampled by `fn.resize`, whose
-  cubic is Keys' a = -0.5 as the reference's, antialiased only for
-  torchvision; a coverage channel makes it drop the taps outside the box as
-  the reference does (resized_crop says how). Within 0.1 of a level (DALI
-  tabulates the cubic when enlarging).
+- Resize: one `fn.resize` of the box as a region of interest of the decoded
+  image, with the reference's filter (Keys' cubic a = -0.5 or the triangle),
+  antialiased only for torchvision. Inside the view within 0.1 of a level
+  (DALI tabulates the cubic when enlarging); along its edge it follows the
+  image rather than the box (GAPS in pipelines/fidelity says how far): where the filter reaches past the box DALI reads the neighbouring
+  pixels (at the image's edge it repeats the last one), the reference drops
+  those taps and renormalizes the rest. Dropping them in DALI takes a copy of
+  every box padded with zeros and a coverage channel; that was built and
+  measured (git history, 6eff334) and cost 35% of the CPU-mode throughput at
+  64 px for a few border pixels.
 """
 
 from __future__ import annotations
@@ -109,24 +114,12 @@ def _place(offsets: DataNode, sides: DataNode) -> tuple[DataNode, DataNode]:
 def resized_crop(images: DataNode, anchor: DataNode, extent: DataNode, size: int, interpolation: str,
                  antialias: bool) -> DataNode:
     """Resample the box [anchor, anchor + extent) (y, x) of uint8 HWC `images` to size x size float32 in [0, 1]
-    (clipped: the cubic overshoots), dropping the filter taps that fall outside the box and renormalizing the
-    rest, as the reference (TF, PIL) does.
-
-    DALI's resampler instead repeats the edge pixel (a few levels off along the view's border), so the box
-    travels with a coverage channel: cut it out with a fourth channel of 255s (the channel axis read out of
-    bounds, filled), pad it with zeros beyond the filter's reach, resample the box as a region of interest,
-    and divide the colours by the resampled coverage, which is the sum of the taps that hit the box.
-    """
-    with_coverage = (fn.cat(anchor, types.Constant(np.int32([0]))), fn.cat(extent, types.Constant(np.int32([4]))))
-    box = fn.slice(images, *with_coverage, axes=[0, 1, 2], out_of_bounds_policy="pad", fill_values=[0, 0, 0, _LEVELS])
-    sides = fn.cast(extent, dtype=types.FLOAT)
-    # The cubic reaches 2 input pixels, times the shrink factor when antialiased (a wider margin costs little).
-    margin = dmath.ceil(2.0 * dmath.max(sides / float(size), 1.0)) + 1.0
-    padded = fn.slice(box, fn.cast(-margin, dtype=types.INT32), fn.cast(sides + 2.0 * margin, dtype=types.INT32),
-                      axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
-    resized = fn.resize(padded, roi_start=margin, roi_end=margin + sides, size=[size, size],
-                        interp_type=INTERPOLATION[interpolation], antialias=antialias, dtype=types.FLOAT)
-    return dmath.clamp(resized[:, :, 0:3] / resized[:, :, 3:4], 0.0, 1.0)
+    (clipped: the cubic overshoots). The filter's taps past the box read the image around it (module doc)."""
+    start = fn.cast(anchor, dtype=types.FLOAT)
+    resized = fn.resize(images, roi_start=start, roi_end=start + fn.cast(extent, dtype=types.FLOAT),
+                        size=[size, size], interp_type=INTERPOLATION[interpolation], antialias=antialias,
+                        dtype=types.FLOAT)
+    return dmath.clamp(resized * (1.0 / _LEVELS), 0.0, 1.0)
 
 
 def make_crop(images: DataNode, image_shape: DataNode, view: ViewSpec,

@@ -320,21 +320,54 @@ def test_views_are_the_torch_colour_stage_of_the_dali_crops(images, recipe):
             assert torch.equal(view, augment.colour(crops.permute(0, 3, 1, 2), k, generator))
 
 
+# The resize's largest error at the crop's edge (fidelity.GAPS), measured 6.47 (official) and 10.39 (torchvision).
+EDGE_BOUND = {"official": 7.0, "torchvision": 11.0}
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_op_matches_the_float64_reference(recipe):
     """pipelines.fidelity on the dali backend: the training code's ops in CPU mode on the reference's draws.
 
-    Colour ops are the torch backend's (exact up to float32). The resize drops the taps outside the
-    box (coverage channel): measured max 0.074 (official) and 0.050 (torchvision) levels, from DALI's
-    tabulated cubic when enlarging; without the coverage channel the border is off by up to 6.5 and 10.3.
-    The crop's draw: KS under 0.05 (measured 0.025 and 0.018). Nothing needs a GAPS entry.
+    Colour ops are the torch backend's (exact up to float32). The resize differs along the crop's edge only
+    (GAPS; the next test holds the inside to 0.1). The crop's draw: KS under 0.05 (measured 0.025 and 0.018).
     """
     errors = fidelity.measure("dali", recipe)
     assert set(errors) == set(fidelity.OPS)
-    bounds = {"crop": fidelity.CROP_KS_NOISE, "resize": 0.1}
+    bounds = {"crop": fidelity.CROP_KS_NOISE, "resize": EDGE_BOUND[recipe]}
     for op, error in errors.items():
         assert error.max < bounds.get(op, 0.01), (op, error)
     assert fidelity.unexplained("dali", recipe, errors) == []
+
+
+def _inside(length: int, size: int, spec: AugmentationSpec) -> np.ndarray:
+    """[size] bool: the outputs whose filter lies inside a window of `length` pixels (reference.resize_weights'
+    geometry), i.e. those that never read past the crop."""
+    scale = length / size
+    reach = {"bicubic": 2.0, "bilinear": 1.0}[spec.interpolation] * (max(scale, 1.0) if spec.antialias else 1.0)
+    centres = (np.arange(size) + 0.5) * scale
+    return (centres - reach >= 0) & (centres + reach <= length)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resize_differs_from_the_reference_only_along_the_crops_edge(recipe):
+    """The GAPS entry in numbers: on fidelity's probe images and crop boxes (shrinking and enlarging, at the
+    image's edges too), the outputs whose filter stays inside the box are the reference's within 0.1 levels
+    (measured 0.07 and 0.05: DALI's tabulated cubic); the others read the pixels around the box, which the
+    reference drops, and differ by several levels (measured 6.5 and 10.4 at most)."""
+    spec = AugmentationSpec(image_size=32, recipe=recipe)
+    sources = np.round(fidelity.probe_images(16, 96, seed=1) * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    boxes = np.array([fidelity.reference_crop_box(96, 96, rng.random(40), spec.view1, spec) for _ in sources])
+    got = fidelity.backend_module("dali").resize(sources.transpose(0, 2, 3, 1).copy(), boxes, spec)
+    inside_errors, edge_errors = [], []
+    for view, source, (top, left, h, w) in zip(got, sources, boxes):
+        want = reference.resize(source[:, top:top + h, left:left + w] / 255.0, 32, spec.interpolation, spec.antialias)
+        inside = _inside(h, 32, spec)[:, None] & _inside(w, 32, spec)[None, :]
+        error = np.abs(view - want).max(axis=0) * 255
+        inside_errors.append(error[inside].max(initial=0.0))
+        edge_errors.append(error[~inside].max(initial=0.0))
+    assert max(inside_errors) < 0.1
+    assert 1.0 < max(edge_errors) < EDGE_BOUND[recipe]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -357,18 +390,23 @@ def test_crop_boxes_are_the_references_on_the_same_draws(recipe):
 
 def test_torchvision_recipe_resize_matches_torchvision():
     """The torchvision recipe's antialiased bicubic resized crop, shrinking and enlarging, against
-    torchvision.transforms.v2.functional on float tensors (an outside check of the reference and of the
-    coverage channel): within 0.1 levels (measured 0.046)."""
+    torchvision.transforms.v2.functional on float tensors (an outside check of the reference): within 0.1
+    levels (measured 0.03) where the filter stays inside the box. At its edge DALI reads the pixels around the
+    box: up to 13.0 levels off here, most where the crop is enlarged 2.7 times (its edge band is widest)."""
     rng = np.random.default_rng(4)
+    spec = AugmentationSpec(recipe="torchvision")
     pictures = [_smooth_rgb(rng, 40, 48) / 255.0 for _ in range(3)]
     sources = [np.uint8(np.round(p * 255)) for p in pictures]
     for (top, left, h, w), size in (((3, 5, 36, 40), 16), ((10, 20, 12, 9), 24)):
         (crops,) = run_cpu(lambda x, anchor, extent: dali_ops.resized_crop(x, anchor, extent, size, "bicubic", True),
                            sources, [np.int32([top, left])] * 3, [np.int32([h, w])] * 3, layouts=("HWC",))
+        inside = _inside(h, size, spec)[:, None] & _inside(w, size, spec)[None, :]
+        assert inside.sum() >= size * size // 4
         for got, source in zip(crops, sources):
             want = TF.resized_crop(torch.from_numpy(source).permute(2, 0, 1).float() / 255, top, left, h, w,
                                    [size, size], TF.InterpolationMode.BICUBIC, antialias=True)
-            assert np.abs(got - want.clamp(0, 1).permute(1, 2, 0).numpy()).max() * 255 < 0.1
+            error = np.abs(got - want.clamp(0, 1).permute(1, 2, 0).numpy()).max(axis=2) * 255
+            assert error[inside].max() < 0.1 and error.max() < 16.0
 
 
 @pytest.mark.cuda
