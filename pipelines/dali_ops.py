@@ -18,7 +18,8 @@ both; "exact" means float32 rounding, under 0.01 of a level):
   aspect, sides rounded and clamped to the image. Torchvision: ten such tries
   at once, the first whose box fits, else the central fallback with the aspect
   clamped. Sides round half up (the reference: half to even; a tie has
-  probability ~0 with float draws).
+  probability ~0 with float draws). Both views' boxes come from one set of
+  operators, each view with its own settings.
 - Resize: one `fn.resize` of the box as a region of interest of the decoded
   image, with the reference's filter (Keys' cubic a = -0.5 or the triangle),
   antialiased only for torchvision. Inside the view within 0.1 of a level
@@ -68,38 +69,48 @@ def _round(x: DataNode) -> DataNode:
     return dmath.floor(x + 0.5)
 
 
-def crop_window(image_shape: DataNode, view: ViewSpec, recipe: str) -> tuple[DataNode, DataNode]:
-    """The recipe's random crop box of each HWC-shaped image: (anchor (y, x), extent (h, w)), int32."""
-    return crop_box(image_shape, _unit([CROP_TRIES[recipe], 4]), view, recipe)
+def crop_windows(image_shape: DataNode, views: Sequence[ViewSpec], recipe: str) -> tuple[DataNode, DataNode]:
+    """Each view's random crop box of each HWC-shaped image, the recipe's way: (anchors, extents), int32
+    [views, 2]: row v is view v's (y, x) anchor and (h, w) extent."""
+    return crop_boxes(image_shape, _unit([len(views), CROP_TRIES[recipe], 4]), views, recipe)
 
 
-def crop_box(image_shape: DataNode, draws: DataNode, view: ViewSpec, recipe: str) -> tuple[DataNode, DataNode]:
-    """The box pipelines/reference.py's crop boxes make of the same U[0, 1) `draws`: per sample [tries, 4],
-    each row (area, log aspect, top, left) of one try. Returns (anchor (y, x), extent (h, w)), int32.
+def _per_view(values: Sequence[float]) -> DataNode:
+    """One constant per view as a [views, 1] column, to broadcast over a view's tries."""
+    return types.Constant(np.float32(values).reshape(-1, 1))
 
-    Works on (y, x) pairs and all tries at once rather than on scalars: every
-    DALI operator costs ~20 us per batch on the CPU, whatever its size.
+
+def crop_boxes(image_shape: DataNode, draws: DataNode, views: Sequence[ViewSpec],
+               recipe: str) -> tuple[DataNode, DataNode]:
+    """The boxes pipelines/reference.py's crop boxes make of the same U[0, 1) `draws`: per sample
+    [views, tries, 4], each row (area, log aspect, top, left) of one try of one view. Returns (anchors (y, x),
+    extents (h, w)), int32 [views, 2].
+
+    Works on (y, x) pairs, all tries and all views at once rather than on scalars: every DALI operator
+    costs ~50 us per batch on the CPU whatever its size, and one set of them for both views halves that.
     """
-    (scale_low, scale_high), (ratio_low, ratio_high) = view.crop_scale, view.crop_ratio
-    log_low, log_high = math.log(ratio_low), math.log(ratio_high)
+    scale_low, scale_high = (_per_view([view.crop_scale[i] for view in views]) for i in (0, 1))
+    log_low, log_high = (_per_view([math.log(view.crop_ratio[i]) for view in views]) for i in (0, 1))
     shape = fn.cast(image_shape[0:2], dtype=types.FLOAT)
-    area = shape[0] * shape[1] * (scale_low + (scale_high - scale_low) * draws[:, 0])
-    aspect = dmath.exp(log_low + (log_high - log_low) * draws[:, 1])
-    sides = _round(dmath.sqrt(fn.stack(area / aspect, area * aspect, axis=1)))  # [tries, (h, w)]
-    fractions = draws[:, 2:4]
+    area = shape[0] * shape[1] * (scale_low + (scale_high - scale_low) * draws[:, :, 0])  # [views, tries]
+    aspect = dmath.exp(log_low + (log_high - log_low) * draws[:, :, 1])
+    sides = _round(dmath.sqrt(fn.stack(area / aspect, area * aspect, axis=2)))  # [views, tries, (h, w)]
+    fractions = draws[:, :, 2:4]
     if recipe == "official":  # one try, its sides clamped to the image
-        sides = dmath.min(dmath.max(sides[0], 1.0), shape)
-        return _place(dmath.min(dmath.floor(fractions[0] * (shape - sides + 1.0)), shape - sides), sides)
-    # Torchvision: the first try whose sides fit, picked without a loop by a one-hot [tries, 1] weight.
-    fits = fn.reductions.min(1.0 * (sides >= 1.0) * (sides <= shape), axes=[1])  # [tries]: 1 where both fit
+        sides = dmath.min(dmath.max(sides[:, 0], 1.0), shape)
+        return _place(dmath.min(dmath.floor(fractions[:, 0] * (shape - sides + 1.0)), shape - sides), sides)
+    # Torchvision: the first try whose sides fit, picked without a loop by a one-hot [views, tries, 1] weight.
+    fits = fn.reductions.min(1.0 * (sides >= 1.0) * (sides <= shape), axes=[2])  # [views, tries]: 1 where both fit
     priority = fits * types.Constant(np.arange(CROP_TRIES[recipe], 0, -1, dtype=np.float32))  # earlier first
-    best = fn.reductions.max(priority)
-    first = fn.stack((priority == best) * fits, axis=1)  # all zero when no try fits
+    best = fn.reductions.max(priority, axes=[1], keep_dims=True)  # [views, 1]
+    first = fn.stack((priority == best) * fits, axis=2)  # all zero where no try fits
     found = best > 0
     # Fallback: the whole image with its aspect clamped to the range (the side that breaks it shrinks).
-    whole = dmath.min(shape, _round(fn.stack(shape[1] / ratio_low, shape[0] * ratio_high)))
-    sides = _select(found, fn.reductions.sum(first * sides, axes=[0]), whole)
-    chosen_fractions = fn.reductions.sum(first * fractions, axes=[0])
+    ratio_low, ratio_high = (np.float32([view.crop_ratio[i] for view in views]) for i in (0, 1))
+    whole = dmath.min(shape, _round(fn.stack(shape[1] / types.Constant(ratio_low),
+                                             shape[0] * types.Constant(ratio_high), axis=1)))
+    sides = _select(found, fn.reductions.sum(first * sides, axes=[1]), whole)
+    chosen_fractions = fn.reductions.sum(first * fractions, axes=[1])
     offsets = _select(found, dmath.floor(chosen_fractions * (shape - sides + 1.0)),
                       dmath.floor((shape - sides) / 2.0))  # the fallback is central
     return _place(offsets, sides)
@@ -122,13 +133,18 @@ def resized_crop(images: DataNode, anchor: DataNode, extent: DataNode, size: int
     return dmath.clamp(resized * (1.0 / _LEVELS), 0.0, 1.0)
 
 
-def make_crop(images: DataNode, image_shape: DataNode, view: ViewSpec,
-              spec: AugmentationSpec) -> tuple[DataNode, dict[str, DataNode]]:
-    """One view's resized crop of decoded uint8 HWC `images`: float32 HWC in [0, 1], spec.image_size square.
+def make_crops(images: DataNode, image_shape: DataNode,
+               spec: AugmentationSpec) -> tuple[list[DataNode], list[dict[str, DataNode]]]:
+    """Both views' resized crops of decoded uint8 HWC `images`: float32 HWC in [0, 1], spec.image_size square.
 
-    Returns (crop, {"crop_anchor", "crop_extent", "image_shape"}): the box
-    drawn and the decoded shape it was drawn for, for tests.
+    Returns ([crop1, crop2], [draws1, draws2]), each draws {"crop_anchor",
+    "crop_extent", "image_shape"}: the box drawn and the decoded shape it was
+    drawn for, for tests.
     """
-    anchor, extent = crop_window(image_shape, view, spec.recipe)
-    crop = resized_crop(images, anchor, extent, spec.image_size, spec.interpolation, spec.antialias)
-    return crop, {"crop_anchor": anchor, "crop_extent": extent, "image_shape": image_shape}
+    anchors, extents = crop_windows(image_shape, spec.views, spec.recipe)
+    crops, draws = [], []
+    for v in range(len(spec.views)):
+        anchor, extent = anchors[v], extents[v]
+        crops.append(resized_crop(images, anchor, extent, spec.image_size, spec.interpolation, spec.antialias))
+        draws.append({"crop_anchor": anchor, "crop_extent": extent, "image_shape": image_shape})
+    return crops, draws

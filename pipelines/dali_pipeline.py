@@ -48,7 +48,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 
 from pipelines.check_data import UNREADABLE, check_file
-from pipelines.dali_ops import make_crop
+from pipelines.dali_ops import make_crops
 from pipelines.decode import probe_image
 from pipelines.sources import DataError, ImageList, samples_per_rank, shard_indices
 from pipelines.spec import AugmentationSpec
@@ -121,7 +121,7 @@ def byol_two_view_pipeline(source: EpochShardSource, spec: AugmentationSpec, dev
     encoded = fn.io.file.read(paths)
     image_shape = fn.peek_image_shape(encoded)
     images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-    crops, draws = zip(*(make_crop(images, image_shape, view, spec) for view in spec.views))
+    crops, draws = make_crops(images, image_shape, spec)
     outputs = [*crops, labels.gpu() if device == "gpu" else labels]
     if debug_outputs:
         outputs += [d[name] for d in draws for name in DEBUG_FIELDS]

@@ -372,18 +372,20 @@ def test_resize_differs_from_the_reference_only_along_the_crops_edge(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_crop_boxes_are_the_references_on_the_same_draws(recipe):
-    """dali_ops.crop_box == reference's crop box fed the same draws, box for box, on ordinary, small and thin
-    images (official: clamped sides; torchvision: later tries and the central fallback) and wide ranges."""
+    """dali_ops.crop_boxes == reference's crop box fed the same draws, box for box, on ordinary, small and thin
+    images (official: clamped sides; torchvision: later tries and the central fallback), for two views with
+    different settings at once (the recipe's, and wide ranges)."""
     spec = AugmentationSpec(recipe=recipe)
+    views = (spec.view1, ViewSpec(crop_scale=(0.5, 1.0), crop_ratio=(0.2, 5.0)))
     tries = dali_ops.CROP_TRIES[recipe]
     n = 150
-    for view in (spec.view1, ViewSpec(crop_scale=(0.5, 1.0), crop_ratio=(0.2, 5.0))):
-        for height, width in ((300, 400), (40, 33), (3, 200), (200, 2), (1, 1)):
-            draws = np.random.default_rng(height * width).random((n, tries, 4), dtype=np.float32)
-            anchor, extent = run_cpu(lambda shape, u: dali_ops.crop_box(shape, u, view, recipe),
-                                     [np.int64([height, width, 3])] * n, list(draws))
-            ours = np.concatenate([np.stack(anchor), np.stack(extent)], axis=1)
-            theirs = [fidelity.reference_crop_box(height, width, u.ravel().astype(np.float64), view, spec)
+    for height, width in ((300, 400), (40, 33), (3, 200), (200, 2), (1, 1)):
+        draws = np.random.default_rng(height * width).random((n, len(views), tries, 4), dtype=np.float32)
+        anchors, extents = run_cpu(lambda shape, u: dali_ops.crop_boxes(shape, u, views, recipe),
+                                   [np.int64([height, width, 3])] * n, list(draws))
+        for v, view in enumerate(views):
+            ours = np.concatenate([np.stack(anchors)[:, v], np.stack(extents)[:, v]], axis=1)
+            theirs = [fidelity.reference_crop_box(height, width, u[v].ravel().astype(np.float64), view, spec)
                       for u in draws]
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{height}x{width} {view.crop_ratio}")
 

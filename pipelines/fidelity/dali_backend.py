@@ -1,7 +1,7 @@
 """The DALI backend's ops for pipelines.fidelity: pipelines/dali_ops.py's crop and resize in small CPU-mode pipelines.
 
 Images and boxes enter through `fn.external_source`, and the graphs are built
-from the same dali_ops functions make_crop uses, so what is measured is the
+from the same dali_ops functions make_crops uses, so what is measured is the
 training code in DALI's CPU mode. The colour stage is the torch backend's
 (DaliTwoViewLoader hands DALI's crops to TorchTwoViewAugment.colour), so
 apply_op is torch_backend's.
@@ -52,7 +52,8 @@ def resize(images: np.ndarray, boxes: np.ndarray, spec: AugmentationSpec) -> np.
 
 
 def crop_boxes(height: int, width: int, n: int, view: ViewSpec, spec: AugmentationSpec, seed: int) -> np.ndarray:
-    """n boxes dali_ops.crop_window draws for one height x width image, as int [n, 4] (top, left, h, w)."""
+    """n boxes dali_ops.crop_windows draws for `view` on one height x width image, as int [n, 4] (top, left,
+    h, w)."""
     shapes = [np.int64([height, width, 3])] * n
-    anchor, extent = run_cpu(lambda shape: dali_ops.crop_window(shape, view, spec.recipe), shapes, seed=seed)
-    return np.concatenate([np.stack(anchor), np.stack(extent)], axis=1).astype(np.int64)
+    anchor, extent = run_cpu(lambda shape: dali_ops.crop_windows(shape, (view,), spec.recipe), shapes, seed=seed)
+    return np.concatenate([np.stack(anchor)[:, 0], np.stack(extent)[:, 0]], axis=1).astype(np.int64)

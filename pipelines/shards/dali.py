@@ -38,7 +38,7 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 
-from pipelines.dali_ops import make_crop
+from pipelines.dali_ops import make_crops
 from pipelines.dali_pipeline import DaliTwoViewLoader, pipeline_seed
 from pipelines.decode import CorruptImageError, decode_rgb
 from pipelines.shards.plan import ShardPlan
@@ -70,7 +70,7 @@ def byol_shard_pipeline(spec: AugmentationSpec, device: str, reader: dict | None
                                              dtype=[types.UINT8, types.INT64], ndim=[1, 0])
     shape = fn.peek_image_shape(encoded)
     images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-    return (*(make_crop(images, shape, view, spec)[0] for view in spec.views), labels)
+    return (*make_crops(images, shape, spec)[0], labels)
 
 
 class _Feed:
