@@ -24,12 +24,13 @@ both; "exact" means float32 rounding, under 0.01 of a level):
   image, with the reference's filter (Keys' cubic a = -0.5 or the triangle),
   antialiased only for torchvision. Inside the view within 0.1 of a level
   (DALI tabulates the cubic when enlarging); along its edge it follows the
-  image rather than the box (GAPS in pipelines/fidelity says how far): where the filter reaches past the box DALI reads the neighbouring
-  pixels (at the image's edge it repeats the last one), the reference drops
-  those taps and renormalizes the rest. Dropping them in DALI takes a copy of
-  every box padded with zeros and a coverage channel; that was built and
-  measured (up to c6cb6c5) and cost about 40% of the CPU-mode throughput at
-  64 px, for the border pixels alone.
+  image rather than the box (GAPS in pipelines/fidelity says how far): where
+  the filter reaches past the box DALI reads the neighbouring pixels (at the
+  image's edge it repeats the last one), the reference drops those taps and
+  renormalizes the rest. Dropping them in DALI takes a copy of every box
+  padded with zeros and a coverage channel; that was built and measured (up
+  to c6cb6c5) and cost about 40% of the CPU-mode throughput at 64 px, for the
+  border pixels alone.
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ class ViewParams:
 
     def take(self, index: Tensor) -> ViewParams:
         """The parameters of the samples `index` picks, in its order."""
-        return ViewParams(**{field.name: None if value is None else value[index]
-                             for field in dataclasses.fields(self) for value in [getattr(self, field.name)]})
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return ViewParams(**{name: None if value is None else value[index] for name, value in fields.items()})
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -404,9 +404,7 @@ def _gaussian_blur(images: Tensor, sigmas: Tensor, kernel_size: int, recipe: str
 
     Kernel taps as both recipes: softmax(-(x / sigma)^2) over x = linspace(-lim, lim),
     lim = (k - 1) / (2 sqrt 2), i.e. exp(-d^2 / (2 sigma^2)) at integer offsets d, normalized.
-    The batch is folded into channels so one grouped conv per axis blurs every sample. The convs run
-    channels-last, where each tap is one contiguous multiply-add over all samples and channels: half
-    the time of planar rows on the CPU, the same result.
+    The batch is folded into channels so one grouped conv per axis blurs every sample.
     """
     n, c, h, w = images.shape
     pad = kernel_size // 2
