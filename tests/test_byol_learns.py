@@ -30,6 +30,7 @@ from byol_fast import BYOL, LARS, CosineTau, WarmupCosineLR, scaled_lr
 from byol_fast.evaluate import linear_probe_logreg
 from byol_fast.features import InMemoryImages
 from byol_fast.step import TrainStep
+from run_helpers import one_thread  # noqa: F401 (a fixture)
 from pipelines.sources import shard_indices
 from pipelines.spec import AugmentationSpec
 from pipelines.torch_aug import TorchTwoViewAugment
@@ -132,21 +133,9 @@ def byol_versus_random(seed: int) -> dict[str, float | list[float]]:
             "losses": losses}
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one intra-op thread, then restore the count.
-
-    These tiny convolutions gain little from a second thread; on a busy 2-core
-    machine two OpenMP threads spin against each other (measured: minutes
-    instead of ~50 s); and the numbers in MEASURED reproduce bit for bit only at
-    a fixed thread count.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
+# One intra-op thread (run_helpers.one_thread): these tiny convolutions gain little from a second one; on a
+# busy 2-core machine two OpenMP threads spin against each other (measured: minutes instead of ~50 s); and
+# the numbers in MEASURED reproduce bit for bit only at a fixed thread count.
 @pytest.mark.slow
 def test_byol_beats_random_init_on_real_digits(one_thread):
     result = byol_versus_random(seed=0)

@@ -18,7 +18,9 @@ from byol_fast import timm_encoders
 from byol_fast.optimizers import build_optimizer
 from byol_fast.step import TrainStep
 from pipelines.synthetic import make_synthetic
+from run_helpers import one_thread  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 timm = pytest.importorskip("timm", reason="the timm extra is not installed: pip install 'byol-fast[timm]'")
 
 SIZE = 32
@@ -29,14 +31,6 @@ COMMON = ["--image-size", str(SIZE), "--global-batch", "8", "--epochs", "2", "--
           "--knn-every-epochs", "0"]
 VIT = ["--arch", "timm/test_vit", "--optimizer", "adamw", "--base-lr", "1e-3", "--weight-decay", "0.05",
        "--beta2", "0.95"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
