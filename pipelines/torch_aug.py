@@ -213,18 +213,21 @@ def resize_taps(starts: Tensor, lengths: Tensor, size: int, interpolation: str, 
 
 
 def resample_rows(x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-    """x [N, C, L, M] resampled along L with resize_taps' (index, weight) [N, S, T]: [N, C, S, M] in weight's dtype.
+    """x [N, L, M, C] (channels last) resampled along L with resize_taps' (index, weight) [N, S, T]:
+    [N, S, M, C] in weight's dtype.
 
-    The taps are whole rows picked by one index_select over all samples and
-    channels (a row copy each), then weighted and summed. x may be uint8: only
-    the picked rows are converted, not the whole image.
+    The taps are whole rows, each with all its pixels' channels side by side, picked by one index_select;
+    each output row is then one small product of its T weights with its T picked rows (one bmm for all).
+    Channels last is the layout torchvision's CPU decoder writes, so a crop's rows are read where they
+    lie, without first copying the window. x may be uint8: only the picked rows are converted.
     """
-    n, c, length, m = x.shape
+    n, length, m, c = x.shape
     s, t = index.shape[1:]
-    plane = torch.arange(n * c, device=x.device).view(n, c, 1) * length  # first row of each (sample, channel)
-    rows = (plane + index.view(n, 1, s * t)).flatten()
-    taps = x.reshape(n * c * length, m).index_select(0, rows).view(n, c, s, t, m).to(weight.dtype)
-    return taps.mul_(weight.view(n, 1, s, t, 1)).sum(dim=3)
+    picked = index.flatten()
+    if n > 1:  # offsets into the stacked images (the pipeline resamples one crop at a time: no ops spent)
+        picked = (torch.arange(n, device=x.device).view(n, 1) * length + index.view(n, s * t)).flatten()
+    taps = x.flatten(0, 1).index_select(0, picked).view(n * s, t, m * c).to(weight.dtype)
+    return torch.bmm(weight.reshape(n * s, 1, t), taps).view(n, s, m, c)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, antialias: bool = False,
@@ -252,13 +255,16 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, interpolation: str, a
         col_index = torch.where(mirrored, col_index.flip(1), col_index)
         col_weight = torch.where(mirrored, col_weight.flip(1), col_weight)
     weights = (row_weight.to(images.dtype), col_weight.to(images.dtype))
-    return resample_both(images, (row_index, weights[0]), (col_index, weights[1]))
+    resized = resample_both(images.permute(0, 2, 3, 1), (row_index, weights[0]), (col_index, weights[1]))
+    return resized.permute(0, 3, 1, 2)
 
 
 def resample_both(images: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor, Tensor]) -> Tensor:
-    """[N, C, H, W] resampled along H with the `rows` taps, then along W with the `cols` taps: [N, C, S, S]."""
+    """[N, H, W, C] (channels last) resampled along H with the `rows` taps, then along W with the `cols`
+    taps: [N, S, S, C]."""
     resized = resample_rows(images, *rows)
-    return resample_rows(resized.transpose(2, 3), *cols).transpose(2, 3)
+    # The column pass picks rows of the transposed result: a contiguous copy of it is faster to pick from.
+    return resample_rows(resized.transpose(1, 2).contiguous(), *cols).transpose(1, 2)
 
 
 def sample_view_params(n: int, view: ViewSpec, device: torch.device | str,

@@ -9,7 +9,8 @@ the thread that launches the training step is never held. Each image is cropped 
 on its device with boxes from `torch_aug.sample_crop_boxes` (drawn on the host,
 so slicing needs no sync) and each crop is resized to S x S by two banded
 resamples with `torch_aug.resize_taps` (the recipe's resampling:
-reference.resize up to float32 rounding). The batched colour stage (`TorchTwoViewAugment.colour`: flip, jitter,
+reference.resize up to float32 rounding), the first reading the crop's rows
+where the decoder wrote them (channels last, no copy of the window). The batched colour stage (`TorchTwoViewAugment.colour`: flip, jitter,
 grayscale, blur, solarize, normalize) then writes each view, optionally straight
 into the caller's static buffers.
 
@@ -69,8 +70,8 @@ def read_bytes(path: str) -> Tensor:
 
 
 def decode_cpu(data: Tensor, path: str) -> Tensor:
-    """Decode bytes to a [3, H, W] uint8 RGB CPU tensor: JPEGs with torchvision (libjpeg-turbo), the rest,
-    and the JPEGs it cannot read, with PIL, which also names bad files.
+    """Decode bytes to a [3, H, W] uint8 RGB CPU tensor, channels last in memory: JPEGs with torchvision
+    (libjpeg-turbo), the rest, and the JPEGs it cannot read, with PIL, which also names bad files.
 
     Only JPEGs go to torchvision: its PNG decoder kills the process (SIGSEGV) on some corrupt files, e.g. a
     bad IDAT checksum, instead of raising; PIL reads those pixels as `byol-fast check-data` does.
@@ -81,7 +82,8 @@ def decode_cpu(data: Tensor, path: str) -> Tensor:
         except RuntimeError:
             pass  # e.g. an unusual JPEG flavour: PIL reads it or names the file
     rgb = decode_rgb(data.numpy().tobytes(), path)
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+    # Channels last in memory, as torchvision's decoder writes it: the crops read rows of that layout.
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
 def _gpu_decodable(data: Tensor) -> bool:
@@ -276,12 +278,15 @@ class TorchImagePipeline:
             sides = torch.cat(chunk)[:, 2:]  # [2 * chunk, 2] (h, w): view 1's crops, then view 2's
             rows, cols = (self._taps(sides[:, axis]) for axis in (0, 1))
             rows[1].mul_(1.0 / 255)  # uint8 levels to [0, 1], folded into the first pass's weights
+            # One [1, S, T] view per crop, split off in one op each: view 1's crops, then view 2's.
+            row_taps, col_taps = (list(zip(*(part.split(1) for part in taps))) for taps in (rows, cols))
             count = len(chunk[0])
             for v in (0, 1):
                 for j, (top, left, h, w) in enumerate(chunk[v].tolist()):
-                    k = slice(v * count + j, v * count + j + 1)
-                    window = decoded[first + j][None, :, top:top + h, left:left + w]  # uint8
-                    crops[v, first + j] = resample_both(window, (rows[0][k], rows[1][k]), (cols[0][k], cols[1][k]))[0]
+                    # uint8, channels last: torchvision's CPU decoder writes that layout, so this is a view.
+                    window = decoded[first + j].permute(1, 2, 0)[None, top:top + h, left:left + w]
+                    resized = resample_both(window, row_taps[v * count + j], col_taps[v * count + j])
+                    crops[v, first + j] = resized[0].permute(2, 0, 1)
         # Bicubic overshoots [0, 1]; both recipes clip it.
         crops.clamp_(0, 1)
         return crops[0], crops[1]
