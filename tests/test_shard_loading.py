@@ -19,7 +19,7 @@ from pipelines.shards.convert import convert_to_shards, dali_index_lines
 from pipelines.factory import build_train_loader
 from pipelines.shards.plan import ShardPlan
 from pipelines.shards.reader import stream_batches
-from pipelines.shards.source import TruncatedShardError, iter_shard, resolve_shards
+from pipelines.shards.source import ShardError, TruncatedShardError, iter_shard, resolve_shards
 from pipelines.sources import DataError, load_images
 from pipelines.spec import AugmentationSpec
 from pipelines.synthetic import make_synthetic
@@ -36,11 +36,32 @@ def shard_dir(tmp_path_factory) -> Path:
     return out
 
 
-def serve(folder: Path):
-    """An HTTP server on 127.0.0.1 serving `folder` from a thread; returns (server, base URL)."""
+def serve(folder: Path, faults: dict[str, list] | None = None):
+    """An HTTP server on 127.0.0.1 serving `folder` from a thread; returns (server, base URL).
+
+    `faults` maps a file name to what its next GETs get instead of the file, one each, in turn: "drop" (the
+    whole file's Content-Length, half of its bytes, then the connection closes) or an HTTP status code.
+    """
+    faults = faults if faults is not None else {}
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:  # no line per request on stderr
             pass
+
+        def do_GET(self) -> None:
+            name = self.path.rsplit("/", 1)[-1]
+            fault = faults[name].pop(0) if faults.get(name) else None
+            if fault is None:
+                super().do_GET()
+            elif fault == "drop":
+                body = (folder / name).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2])
+                self.close_connection = True
+            else:
+                self.send_error(fault)
 
     handler = functools.partial(Quiet, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -261,3 +282,70 @@ def test_a_resume_opens_no_shard_before_the_first_sample_it_needs(shard_dir, mon
     opened.clear()
     whole = [[item.key for item in batch] for batch in stream_batches(shards, plan, 0, 0)]
     assert resumed == whole[8:] and len(opened) == len(layout.segments)
+
+
+def _stream_keys_and_problems(data: str) -> list[tuple[str, bytes | None, str | None]]:
+    """Every slot of stream 0's batches of epoch 0 (4 a batch, a shuffle buffer of 3): key, image, problem."""
+    shards = resolve_shards(data)
+    plan = ShardPlan(tuple(shards.counts), 0, 1, 4, seed=2, streams=1, shuffle_buffer=3)
+    return [(item.key, item.sample and item.sample.image, item.problem)
+            for batch in stream_batches(shards, plan, 0, 0) for item in batch]
+
+
+@pytest.fixture
+def no_retry_waits(monkeypatch):
+    import pipelines.shards.reader as reader
+
+    monkeypatch.setattr(reader, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
+
+
+def test_a_dropped_connection_or_a_busy_server_is_tried_again_and_every_sample_comes_once(shard_dir, no_retry_waits,
+                                                                                         capsys):
+    faults = {"train-000002.tar": ["drop"], "train-000004.tar": [503, "drop"]}
+    server, base = serve(shard_dir, faults)
+    try:
+        over_http = _stream_keys_and_problems(base + "/train-{000000..000008}.tar")
+    finally:
+        server.shutdown()
+    assert faults == {"train-000002.tar": [], "train-000004.tar": []}  # each fault was met once
+    assert over_http == _stream_keys_and_problems(str(shard_dir / "train-{000000..000008}.tar"))
+    assert all(problem is None for _, _, problem in over_http) and len(over_http) == 44
+    err = capsys.readouterr().err
+    assert err.count("reading the shard again") == 3
+    assert f"shard {base}/train-000004.tar could not be fetched: HTTP 503" in err
+    dropped = [line for line in err.splitlines() if "train-000002.tar: the connection was lost" in line]
+    assert len(dropped) == 1 and "IncompleteRead" in dropped[0] and "retry 1 of 3" in dropped[0]
+    assert "from sample 0)" not in dropped[0]  # half the shard had come: those samples are not given again
+
+
+def test_a_shard_whose_connection_keeps_dropping_counts_its_rest_as_bad(shard_dir, no_retry_waits, capsys):
+    faults = {"train-000002.tar": ["drop"] * 4}
+    server, base = serve(shard_dir, faults)
+    try:
+        slots = _stream_keys_and_problems(base + "/train-{000000..000008}.tar")
+    finally:
+        server.shutdown()
+    kept = kept_before_truncation_of_half(shard_dir / "train-000002.tar")
+    bad = [problem for _, _, problem in slots if problem is not None]
+    assert len(slots) == 44 and len(bad) == 5 - kept and faults["train-000002.tar"] == []
+    assert all(problem.startswith(f"truncated: the shard broke off after {kept} of 5 samples") for problem in bad)
+    assert capsys.readouterr().err.count("reading the shard again") == 3
+
+
+def kept_before_truncation_of_half(path: Path) -> int:
+    """Samples the first half of a shard's bytes holds whole (what a dropped connection leaves)."""
+    raw = path.read_bytes()
+    half = path.parent.parent / f"half-{path.name}"
+    half.write_bytes(raw[:len(raw) // 2])
+    return kept_before_truncation(str(half))
+
+
+def test_a_shard_the_server_does_not_have_fails_at_once_with_its_url(shard_dir, no_retry_waits, capsys):
+    faults = {"train-000002.tar": [404]}  # a second GET would succeed: retrying would hide the error
+    server, base = serve(shard_dir, faults)
+    try:
+        with pytest.raises(ShardError, match=r"train-000002.tar could not be fetched: HTTP 404 .*check the URL"):
+            _stream_keys_and_problems(base + "/train-{000000..000008}.tar")
+    finally:
+        server.shutdown()
+    assert "reading the shard again" not in capsys.readouterr().err

@@ -8,21 +8,31 @@ arrive as `Item`s with a `problem`; the backends add images that do not decode. 
 then gives each bad slot the sample of a good slot of the same batch (static batch shapes; the
 stand-in gets fresh views, drawn from the bad slot's position), and `BadSampleLedger` counts them,
 names each (shard and key) on stderr, and stops the run with a DataError once an epoch's bad share
-on a rank passes `max_bad_fraction`.
+on a rank passes `max_bad_fraction`. A network read that fails in a way that may pass (a refused or
+dropped connection, HTTP 429 or 5xx) is first tried again from the shard's start (`shard_samples`).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pipelines.shards.plan import Segment, ShardPlan
-from pipelines.shards.source import RawSample, ShardSet, TruncatedShardError, iter_shard
+from pipelines.shards.source import TRANSIENT_SHARD_ERRORS, RawSample, ShardSet, TruncatedShardError, iter_shard
 from pipelines.sources import DataError
 
 _NAMED_PER_SHARD = 3
 """Bad samples of one shard named on stderr before the rest are only counted (all are in the metrics)."""
+RETRY_WAITS_S = (1.0, 3.0, 9.0)
+"""Seconds waited before each new try of a shard whose network read failed (shard_samples): 13 s in all,
+through a server's restart or a short outage, before its remaining samples count as bad. Each wait stays
+well under a scheduler's grace period after SIGTERM, which the stop must still meet."""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 @dataclass
@@ -36,13 +46,34 @@ class Item:
     problem: str | None = None
 
 
+def shard_samples(url: str) -> Iterator[RawSample]:
+    """`iter_shard(url)`, reading the shard again from its start when a network read fails in a way that may
+    pass (TRANSIENT_SHARD_ERRORS: a refused or dropped connection, HTTP 429 or 5xx), after each wait of
+    RETRY_WAITS_S, and skipping the samples it already gave. The last failure is raised as it came: a lost
+    connection is a TruncatedShardError, so the reader counts the rest of the shard as bad samples."""
+    given = 0
+    for attempt, wait in enumerate((*RETRY_WAITS_S, None)):
+        try:
+            for position, sample in enumerate(iter_shard(url)):
+                if position >= given:  # the samples before were given before the failure
+                    given += 1
+                    yield sample
+            return
+        except TRANSIENT_SHARD_ERRORS as err:
+            if wait is None:
+                raise
+            _stderr(f"byol-fast: {err}; reading the shard again (from sample {given}) in {wait:g} s, "
+                f"retry {attempt + 1} of {len(RETRY_WAITS_S)}")
+            time.sleep(wait)
+
+
 def _segment_items(shards: ShardSet, segment: Segment) -> Iterator[tuple[int, Item]]:
     """(slice position, Item) of every member of a segment; missing ones (a truncated shard) as bad Items."""
     url = shards.urls[segment.shard]
     expected = shards.counts[segment.shard]
     index = 0
     try:
-        for sample in iter_shard(url):
+        for sample in shard_samples(url):
             if index >= segment.stop:
                 break
             if index >= segment.first:
@@ -102,7 +133,7 @@ class BadSampleLedger:
 
     samples_per_epoch: int
     max_bad_fraction: float
-    log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
+    log: Callable[[str], None] = _stderr
     total: int = 0
     epoch: int = -1
     in_epoch: int = 0

@@ -93,7 +93,29 @@ def manifest_url_for(shard_url: str) -> str:
     return shard_url[:index] + MANIFEST_NAME + shard_url[index + len(name):]
 
 
-def open_url(url: str, what: str = "shard") -> io.BufferedIOBase:
+class _WholeBody(io.RawIOBase):
+    """An HTTP response's body that raises IncompleteRead when the connection ends before Content-Length bytes
+    came: http.client then returns b"" as at a normal end, and a tar reader would take the shard for truncated
+    instead of the read for one to try again."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self._response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._response.readinto(buffer)
+        if count == 0 and len(buffer) and self._response.length:  # length: the bytes still due (None: unknown)
+            raise http.client.IncompleteRead(b"", self._response.length)
+        return count
+
+    def close(self) -> None:
+        self._response.close()
+        super().close()
+
+
+def open_url(url: str, what: str = "shard") -> io.IOBase:
     """A binary stream of a local path, file://, http(s):// URL or anything webdataset's gopen opens (pipe:).
 
     Raises ShardError naming `url` and the fix when it is missing or unreachable.
@@ -102,13 +124,17 @@ def open_url(url: str, what: str = "shard") -> io.BufferedIOBase:
         url = url[len("file://"):]
     if url.startswith(("http://", "https://")):
         try:
-            return urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT_S)  # noqa: S310 - a URL the user gave
+            return _WholeBody(urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT_S))  # noqa: S310 - a URL the user gave
         except urllib.error.HTTPError as err:
+            if err.code == 429 or err.code >= 500:  # the server is busy or failing, not the URL wrong
+                raise ShardUnreachableError(f"{what} {url} could not be fetched: HTTP {err.code} {err.reason}; "
+                                            f"check the server") from err
             raise ShardError(f"{what} {url} could not be fetched: HTTP {err.code} {err.reason}; check the URL "
                              f"and the brace range against what the server holds") from err
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise ShardError(f"{what} {url} is unreachable ({reason}): check the host, port and network") from err
+            raise ShardUnreachableError(f"{what} {url} is unreachable ({reason}): check the host, port and "
+                                        f"network") from err
     if url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url):
         from webdataset.gopen import gopen
 
@@ -244,6 +270,19 @@ class TruncatedShardError(ShardError):
     """A shard ended inside a member or header (an interrupted download or copy)."""
 
 
+class ShardUnreachableError(ShardError):
+    """An http(s) shard could not be opened for a reason that may pass: the connection was refused or timed
+    out, or the server answered 429 or 5xx. Readers retry it (reader.shard_samples)."""
+
+
+class ShardConnectionLostError(TruncatedShardError):
+    """An http(s) shard's connection dropped or stalled in the middle of the shard. Readers retry it."""
+
+
+TRANSIENT_SHARD_ERRORS = (ShardUnreachableError, ShardConnectionLostError)
+"""The failures of a network read that a second try may not meet."""
+
+
 def _to_raw(sample: dict, shard: str) -> RawSample:
     image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     label = None
@@ -286,9 +325,10 @@ def iter_shard(url: str, digest=None) -> Iterator[RawSample]:
     """The samples of one shard in stored order, read with webdataset's tar iterator; with a hashlib `digest`,
     every byte of the shard (the tail after the last member too) goes through it.
 
-    Raises ShardError when the shard cannot be opened or is not a tar archive, and TruncatedShardError
-    (after the complete samples before it) when it ends inside a member. Python's tarfile takes a shard cut
-    at a header boundary for a normal end, so callers compare the count read with the manifest's.
+    Raises ShardError when the shard cannot be opened or is not a tar archive (ShardUnreachableError when
+    that may pass), and TruncatedShardError (after the complete samples before it) when it ends inside a
+    member: ShardConnectionLostError when an http(s) connection dropped or stalled. Python's tarfile takes a
+    shard cut at a header boundary for a normal end, so callers compare the count read with the manifest's.
     """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -307,10 +347,14 @@ def iter_shard(url: str, digest=None) -> Iterator[RawSample]:
             raise TruncatedShardError(f"shard {url} is truncated ({reason}): re-download or re-copy it") from err
         raise ShardError(f"shard {url} is not a tar archive ({reason}): re-download it, or re-write the shards "
                          f"with `byol-fast convert-shards`") from err
-    except (EOFError, tarfile.TarError, http.client.HTTPException) as err:  # HTTPException: a dropped connection
+    except (http.client.HTTPException, ConnectionError, TimeoutError) as err:  # e.g. IncompleteRead: a drop
+        reason = str(err).split(" @ ")[0]  # webdataset appends " @ <stream object>"
+        raise ShardConnectionLostError(f"shard {url}: the connection was lost in the middle of the shard "
+                                       f"({type(err).__name__}: {reason}); check the server and network") from err
+    except (EOFError, tarfile.TarError) as err:
         raise TruncatedShardError(f"shard {url} is truncated ({type(err).__name__}: {err}): re-download or "
                                   f"re-copy it") from err
-    except OSError as err:  # a pipe: command that failed, a connection that dropped
+    except OSError as err:  # a pipe: command that failed
         raise ShardError(f"shard {url} could not be read ({err}): check the command, URL or network") from err
     finally:
         try:
