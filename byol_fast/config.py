@@ -474,6 +474,17 @@ def _parse_view_value(key: str, text: str) -> Any:
     return numbers[0]
 
 
+def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` arguments as {key: typed value} (parse_value), for resolve_config's overrides."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r} must look like KEY=VALUE, e.g. --set base_lr=0.3")
+        overrides[key.strip()] = parse_value(key.strip(), value)
+    return overrides
+
+
 def parse_value(key: str, text: str) -> Any:
     """Convert `text` to the type of field `key` ("none" -> None for optional fields); `views.*` keys
     are typed by the [views] table's rules."""

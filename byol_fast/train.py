@@ -50,7 +50,8 @@ import torch
 
 from byol_fast.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, check_compatible,
                                   resolve_resume, restore_rng_state)
-from byol_fast.config import TrainConfig, available_presets, field_docs, field_types, parse_value, resolve_config
+from byol_fast.config import (TrainConfig, available_presets, field_docs, field_types, parse_set_pairs, parse_value,
+                               resolve_config)
 from byol_fast.cross_rank_bn import convert_sync_batchnorm
 from byol_fast.data_checks import check_data_choice, chosen_keys
 from byol_fast.distributed import (DistInfo, HostFlagReducer, all_reduce_host, barrier, broadcast_module,
@@ -131,12 +132,7 @@ def _typed(name: str):
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Resolve the preset, config file, --set pairs and flags (flags win over --set) into a TrainConfig."""
-    overrides = {}
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set {pair!r} must look like KEY=VALUE, e.g. --set base_lr=0.3")
-        overrides[key.strip()] = parse_value(key.strip(), value)
+    overrides = parse_set_pairs(args.set)
     overrides.update({k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")})
     return resolve_config(args.preset, args.config, overrides)
 
