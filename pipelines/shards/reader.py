@@ -63,7 +63,7 @@ def shard_samples(url: str) -> Iterator[RawSample]:
             if wait is None:
                 raise
             _stderr(f"byol-fast: {err}; reading the shard again (from sample {given}) in {wait:g} s, "
-                f"retry {attempt + 1} of {len(RETRY_WAITS_S)}")
+                    f"retry {attempt + 1} of {len(RETRY_WAITS_S)}")
             time.sleep(wait)
 
 

@@ -124,7 +124,8 @@ def open_url(url: str, what: str = "shard") -> io.IOBase:
         url = url[len("file://"):]
     if url.startswith(("http://", "https://")):
         try:
-            return _WholeBody(urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT_S))  # noqa: S310 - a URL the user gave
+            response = urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT_S)  # noqa: S310 - a URL the user gave
+            return _WholeBody(response)
         except urllib.error.HTTPError as err:
             if err.code == 429 or err.code >= 500:  # the server is busy or failing, not the URL wrong
                 raise ShardUnreachableError(f"{what} {url} could not be fetched: HTTP {err.code} {err.reason}; "
