@@ -10,16 +10,20 @@ import torch
 from byol_fast import cli
 
 # MEASURED (2-core CPU, torch 2.14.1, 2026-12-03, official views and initialisation), the demo's kNN top-1 on its
-# 256 val images after each epoch:
-#   21.5% (random init), 21.9, 24.2, 24.2, 24.6, 23.8, 23.8, 23.4, 23.8, 24.6, 23.8, 23.0, 25.4%
+# 256 val images after each epoch, at 54edb91 (channels-last crops):
+#   21.5% (random init), 21.9, 24.2, 24.2, 24.2, 23.4, 23.4, 23.4, 25.0, 24.2, 24.2, 22.3, 25.0%
+# and earlier that day, before them: 21.5, 21.9, 24.2, 24.2, 24.6, 23.8, 23.8, 23.4, 23.8, 24.6, 23.8, 23.0, 25.4%.
 # (The torchvision views and initialisation gave 16.4% -> 23.0% on 2026-11-23: the official zero-initialised
-# residual branches make a stronger random-init baseline, and training ends higher.) The run is deterministic
-# on a given machine. The test monitors every third epoch (0, 3, 6, 9, 12: 21.5, 24.2, 23.8, 24.6, 25.4%),
-# which saves a minute of feature extraction and does not change training (the monitor draws no random numbers).
+# residual branches make a stronger random-init baseline, and training ends higher.) After the second epoch
+# the curve is a plateau that moves by a few of the 256 images from run to run (CI's run of 54edb91 gave 24.6,
+# 23.0, 24.6, 25.0% at epochs 3, 6, 9, 12), so the test asks for a gain over random init, not for a rising
+# curve. It monitors every third epoch (0, 3, 6, 9, 12), which saves a minute of feature extraction and does
+# not change training (the monitor draws no random numbers).
 KNN_GAIN = 0.025
-"""The final kNN top-1 must beat the random-init one by this much (measured gain: 0.039, 10 more of 256 right)."""
+"""The final kNN top-1 must beat the random-init one by this much (measured gains: 0.035 and 0.039, 9 and 10
+more of 256 right)."""
 KNN_FINAL = 0.24
-"""...and end above the 23.0% the torchvision views and initialisation reached (measured: 25.4%)."""
+"""...and end above the 23.0% the torchvision views and initialisation reached (measured: 25.0% and 25.4%)."""
 
 
 @pytest.mark.slow
@@ -50,7 +54,7 @@ def test_demo_writes_its_data_trains_and_its_knn_rises(tmp_path: Path, monkeypat
     top1 = [value for _, value in knn]
     assert top1[-1] >= top1[0] + KNN_GAIN, f"kNN top-1 by epoch: {knn}"
     assert top1[-1] >= KNN_FINAL, f"kNN top-1 by epoch: {knn}"
-    assert min(top1[3:]) > max(top1[:3]), f"the second half of training is not above the first: {knn}"
+    assert min(top1[1:]) > top1[0], f"a monitored epoch fell back to the random-init kNN: {knn}"
 
     steps = [line for line in lines if "loss" in line]
     assert [line["step"] for line in steps] == list(range(8, 97, 8))
