@@ -318,26 +318,26 @@ def test_a_dropped_connection_or_a_busy_server_is_tried_again_and_every_sample_c
     assert "from sample 0)" not in dropped[0]  # half the shard had come: those samples are not given again
 
 
-def test_a_shard_whose_connection_keeps_dropping_counts_its_rest_as_bad(shard_dir, no_retry_waits, capsys):
+def kept_before_truncation_of_half(path: Path, folder: Path) -> int:
+    """Samples the first half of a shard's bytes holds whole (what a dropped connection leaves); the half is
+    written into `folder`."""
+    half = folder / f"half-{path.name}"
+    half.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return kept_before_truncation(str(half))
+
+
+def test_a_shard_whose_connection_keeps_dropping_counts_its_rest_as_bad(shard_dir, no_retry_waits, tmp_path, capsys):
     faults = {"train-000002.tar": ["drop"] * 4}
     server, base = serve(shard_dir, faults)
     try:
         slots = _stream_keys_and_problems(base + "/train-{000000..000008}.tar")
     finally:
         server.shutdown()
-    kept = kept_before_truncation_of_half(shard_dir / "train-000002.tar")
+    kept = kept_before_truncation_of_half(shard_dir / "train-000002.tar", tmp_path)
     bad = [problem for _, _, problem in slots if problem is not None]
     assert len(slots) == 44 and len(bad) == 5 - kept and faults["train-000002.tar"] == []
     assert all(problem.startswith(f"truncated: the shard broke off after {kept} of 5 samples") for problem in bad)
     assert capsys.readouterr().err.count("reading the shard again") == 3
-
-
-def kept_before_truncation_of_half(path: Path) -> int:
-    """Samples the first half of a shard's bytes holds whole (what a dropped connection leaves)."""
-    raw = path.read_bytes()
-    half = path.parent.parent / f"half-{path.name}"
-    half.write_bytes(raw[:len(raw) // 2])
-    return kept_before_truncation(str(half))
 
 
 def test_a_shard_the_server_does_not_have_fails_at_once_with_its_url(shard_dir, no_retry_waits, capsys):
